@@ -1,0 +1,5 @@
+"""`python -m diffplugin_cli` (also what `accelerate launch -m diffplugin_cli` runs)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,36 @@
+"""Atomic file writes: write beside the target, then rename, so a killed run leaves no half file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+TMP_MARK = ".diffplugin-tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike):
+    """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds.
+
+    The temporary name starts with a dot (skipped by the input walk) and carries TMP_MARK,
+    so a later run can sweep what a killed run left behind.
+    """
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}{TMP_MARK}{target.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def sweep_stale_temporaries(folder: Path) -> int:
+    """Remove temporaries a killed run left under `folder`; returns how many."""
+    removed = 0
+    for stale in folder.rglob(f".*{TMP_MARK}*"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+            removed += 1
+    return removed

@@ -1,0 +1,232 @@
+"""The `diffplugin` command: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import DiffPluginError
+from .images import DEFAULT_MAX_PIXELS
+from .plugins import convert_plugin
+from .registry import Registry, discover_plugins, plugin_search_path
+from .runner import EXIT_USAGE, Reporter, RunOptions, run as run_batch
+from .sizing import SIZE_RULES
+
+app = typer.Typer(
+    help="Diff-Plugin image restoration: one frozen Stable Diffusion, small Task-Plugins per task.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+plugins_app = typer.Typer(help="Find and convert Task-Plugins.", no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
+
+stderr = Console(stderr=True)
+
+
+class RichReporter(Reporter):
+    """A progress bar on a terminal (count, images/s, ETA); one stderr line per failure."""
+
+    def __init__(self, show_progress: bool):
+        self.progress = None
+        if show_progress:
+            self.progress = Progress(
+                TextColumn("[bold]restoring"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                console=stderr,
+            )
+
+    def start(self, total: int) -> None:
+        if self.progress:
+            self.progress.start()
+            self.task = self.progress.add_task("run", total=total, rate="")
+
+    def advance(self, count: int = 1) -> None:
+        if self.progress and count:
+            self.progress.advance(self.task, count)
+            speed = self.progress.tasks[0].speed
+            self.progress.update(self.task, rate=f"{speed:.2f} img/s" if speed else "")
+
+    def failure(self, path: str, reason: str) -> None:
+        line = f"{path}: {reason}"
+        if self.progress:
+            self.progress.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"diffplugin {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Restore photos with Diff-Plugin Task-Plugins (desnow, dehaze, deblur, derain, face, lowlight, demoire, highlight)."""
+
+
+@app.command()
+def run(
+    inputs: List[str] = typer.Argument(..., help="Image files, folders (walked recursively) or '-' to read paths from stdin, one per line."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder; the input tree is mirrored under it."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Plugins to apply, comma-separated, in this order (e.g. desnow,lowlight)."),
+    instruction: Optional[str] = typer.Option(None, "-i", "--instruction", help="Free-text request; the Plugin-Selector picks the plugins."),
+    plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Folder holding plugins (NAME.safetensors or the authors' NAME/ folder); repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
+    steps: int = typer.Option(20, help="Denoising steps of the first plugin."),
+    chain_steps: int = typer.Option(3, help="Denoising steps of every later plugin in a chain (the authors use 3)."),
+    seed: int = typer.Option(42, help="Seed of every image's noise (the authors' default is 42)."),
+    seed_from_name: bool = typer.Option(False, "--seed-from-name", help="Seed each image from a stable hash of its relative path instead."),
+    size_rule: str = typer.Option("square", help=f"Processing size: {', '.join(SIZE_RULES)} (reference = the authors' infer.py rule)."),
+    resolution: int = typer.Option(512, help="Processing resolution used by the size rule."),
+    keep_size: bool = typer.Option(True, "--keep-size/--no-keep-size", help="Save outputs at the input's own width and height."),
+    batch_size: int = typer.Option(1, help="Images processed together (equal processed size only); outputs do not depend on it."),
+    suffix: str = typer.Option("", help="Added to each output's file stem, e.g. _restored."),
+    ext: str = typer.Option("png", help="Output type: png, jpg, webp or same (as the input)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo outputs that a previous run already finished."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Refuse inputs with more pixels than this."),
+    device: str = typer.Option("auto", help="auto, cuda, cuda:N, mps or cpu."),
+    dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."),
+    base_model: Optional[str] = typer.Option(None, help="Stable Diffusion 1.x hub id or local folder [default: from the registry]."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP vision hub id or local folder [default: from the registry]."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML [default: $DIFFPLUGIN_REGISTRY or the packaged one]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as one JSON object on stdout."),
+) -> None:
+    """Restore images with Task-Plugins; each output gets a JSON sidecar. Exit codes: 0 done, 1 some images failed, 2 usage error, 130 interrupted."""
+    if instruction is not None:
+        _fail("-i/--instruction needs the Plugin-Selector, which is not available in this version; use --task NAME[,NAME...]")
+    if ext not in ("png", "jpg", "webp", "same"):
+        _fail(f"--ext {ext!r}: expected png, jpg, webp or same")
+    if size_rule not in SIZE_RULES:
+        _fail(f"--size-rule {size_rule!r}: expected one of {', '.join(SIZE_RULES)}")
+    options = RunOptions(
+        output_dir=output,
+        tasks=[name.strip() for name in (task or "").split(",") if name.strip()],
+        plugin_dirs=plugin_dir,
+        steps=steps,
+        chain_steps=chain_steps,
+        seed=seed,
+        seed_from_name=seed_from_name,
+        size_rule=size_rule,
+        resolution=resolution,
+        keep_size=keep_size,
+        batch_size=batch_size,
+        suffix=suffix,
+        ext=ext,
+        overwrite=overwrite,
+        max_pixels=max_pixels,
+        device=device,
+        dtype=dtype,
+        base_model=base_model,
+        clip_model=clip_model,
+        registry=registry,
+    )
+    reporter = RichReporter(show_progress=not quiet and stderr.is_terminal)
+    try:
+        summary = run_batch(inputs, options, stdin=sys.stdin if "-" in inputs else (), reporter=reporter)
+    except DiffPluginError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    elif not quiet:
+        stderr.print(
+            f"{summary.processed} restored, {summary.skipped} already done, {summary.failed} failed"
+            + (" (interrupted)" if summary.interrupted else "")
+            + f" -> {output}"
+        )
+    raise typer.Exit(summary.exit_code)
+
+
+@plugins_app.command("list")
+def plugins_list(
+    plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show the registry's plugins and where each was found on disk."""
+    try:
+        reg = Registry.load(registry)
+    except DiffPluginError as exc:
+        _fail(str(exc))
+    found = discover_plugins(plugin_search_path(plugin_dir))
+    rows = []
+    for name in list(reg.plugins) + sorted(set(found) - set(reg.plugins)):
+        entry = reg.entry(name)
+        location = found.get(name)
+        rows.append({
+            "name": name,
+            "description": entry.description,
+            "init": entry.init,
+            "found": location is not None,
+            "path": str(location) if location else None,
+            "format": None if location is None else ("safetensors" if location.is_file() else "authors"),
+        })
+    if as_json:
+        print(json.dumps({"registry": str(reg.path), "plugins": rows}))
+        return
+    table = Table(title=f"Plugins (registry {reg.path})")
+    for column in ("name", "description", "init", "found at"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["description"], row["init"], f"{row['path']} ({row['format']})" if row["found"] else "-")
+    Console().print(table)
+
+
+@plugins_app.command("convert")
+def plugins_convert(
+    src: Path = typer.Argument(..., help="A plugin: the authors' folder (tpb.pt + scb/) or our NAME.safetensors."),
+    dst: Path = typer.Argument(..., help="Where to write: a path ending in .safetensors (ours) or a folder (the authors' layout)."),
+    name: Optional[str] = typer.Option(None, help="Plugin name recorded in the file [default: from SRC]."),
+    task: Optional[str] = typer.Option(None, help="Task recorded in the file."),
+    init: Optional[str] = typer.Option(None, help="Init mode recorded in the file: input or noise."),
+    source: Optional[str] = typer.Option(None, help="Where the weights come from, recorded in the file."),
+) -> None:
+    """Convert a plugin between the authors' format and our single-file safetensors format."""
+    if init is not None and init not in ("input", "noise"):
+        _fail(f"--init {init!r}: expected input or noise")
+    try:
+        written = convert_plugin(src, dst, name=name, task=task, init=init, source=source)
+    except DiffPluginError as exc:
+        _fail(str(exc))
+    print(written)
+
+
+def main() -> None:
+    """Entry point of the `diffplugin` command."""
+    _quiet_third_party_logs()
+    app()
+
+
+def _quiet_third_party_logs() -> None:
+    """diffusers/transformers print loading chatter and progress bars we do not want in pipelines."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()

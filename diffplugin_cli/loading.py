@@ -1,0 +1,110 @@
+"""Load the frozen models every plugin shares, once per process, and pick device and dtype."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DiffPluginError, ModelNotFoundError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cuda", "mps", "cpu") and not name.startswith("cuda:"):
+        raise DiffPluginError(f"--device {name!r}: expected auto, cuda, cuda:N, mps or cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffPluginError(f"--device {name}: CUDA is not available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DiffPluginError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is fp16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise DiffPluginError(f"--dtype {name!r}: expected auto, fp32, fp16 or bf16")
+    return DTYPES[name]
+
+
+@dataclass
+class BaseModels:
+    """The frozen base model parts the Diff-Plugin procedure uses, plus the image encoder."""
+
+    vae: object
+    unet: object
+    clip_vision: object
+    clip_processor: object
+    scheduler_config: dict
+    base_model: str
+    clip_model: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load_base_models(base_model: str, clip_model: str, device: torch.device, dtype: torch.dtype) -> BaseModels:
+    """Load VAE, UNet and scheduler config from `base_model` and CLIP vision from `clip_model`.
+
+    Each may be a hub id (taken from the Hugging Face cache when offline) or a local folder.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
+    from transformers import CLIPVisionModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vae = _load(AutoencoderKL, base_model, "--base-model", subfolder="vae", torch_dtype=dtype)
+    unet = _load(UNet2DConditionModel, base_model, "--base-model", subfolder="unet", torch_dtype=dtype)
+    scheduler_config = _load(UniPCMultistepScheduler, base_model, "--base-model", subfolder="scheduler").config
+    clip_vision = _load(CLIPVisionModel, clip_model, "--clip-model", dtype=dtype)
+    for model in (vae, unet, clip_vision):
+        model.to(device).eval().requires_grad_(False)
+    return BaseModels(
+        vae=vae,
+        unet=unet,
+        clip_vision=clip_vision,
+        # The PIL backend is the one the authors' outputs were produced with.
+        clip_processor=CLIPImageProcessorPil(),
+        scheduler_config=dict(scheduler_config),
+        base_model=base_model,
+        clip_model=clip_model,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _load(cls, source: str, flag: str, subfolder: str | None = None, **kwargs):
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    where = f"{source}/{subfolder}" if subfolder else source
+    local = Path(where)
+    if Path(source).exists():
+        if not local.is_dir():
+            raise ModelNotFoundError(f"{where}: folder missing; {flag} must point at a diffusers-layout model folder")
+        if not any(local.glob("*.safetensors")):
+            # Older checkpoints ship only .bin files (still read with weights_only=True).
+            kwargs["use_safetensors"] = False
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        hint = (
+            "the hub is offline (HF_HUB_OFFLINE) and it is not in the local cache"
+            if offline and not Path(source).exists()
+            else str(exc).splitlines()[0]
+        )
+        raise ModelNotFoundError(f"cannot load {where}: {hint}; pass {flag} /path/to/local/copy") from None

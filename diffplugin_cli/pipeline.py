@@ -1,0 +1,149 @@
+"""The Diff-Plugin inference procedure (REFERENCE.md), batched.
+
+Per image: F^p = TPB(CLIP-vision features of the original image); z_c = VAE mean latent of the
+resized image; UniPC denoising where each step adds the SCB residuals to the UNet's first skip
+connections; VAE decode. Several plugins run one after another, each on the previous output.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from diffusers import UniPCMultistepScheduler
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from .loading import BaseModels, load_base_models, resolve_device, resolve_dtype
+from .plugins import TaskPlugin
+from .sizing import resize_for_rule
+
+# The authors reset the latent to the noised input for every timestep at or above this.
+TIME_THRESHOLD = 960
+
+StepCallback = Callable[..., None]
+
+
+class DiffPluginPipeline:
+    """Restore images with one or more Task-Plugins on a frozen Stable Diffusion."""
+
+    def __init__(self, base: BaseModels):
+        self.base = base
+        self.device, self.dtype = base.device, base.dtype
+        self.image_processor = VaeImageProcessor(vae_scale_factor=base.vae_scale_factor, do_convert_rgb=True, do_normalize=True)
+        self._unet_skip_count = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in base.unet.down_blocks)
+        self._placed: set[int] = set()
+
+    @classmethod
+    def from_pretrained(cls, base_model: str, clip_model: str, device: str = "auto", dtype: str = "auto") -> "DiffPluginPipeline":
+        dev = resolve_device(device)
+        return cls(load_base_models(base_model, clip_model, dev, resolve_dtype(dtype, dev)))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: Sequence[Image.Image],
+        plugins: Sequence[TaskPlugin],
+        seeds: Sequence[int],
+        steps: int = 20,
+        chain_steps: int = 3,
+        size_rule: str = "square",
+        resolution: int = 512,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Run `plugins` in order on RGB `images` (one seed each); returns images at the processed size.
+
+        Every image of a batch must come out of the size rule at the same size. `callback`, if
+        given, is called after every step with stage, step, timestep, latents, noise_pred and residuals.
+        """
+        if len(seeds) != len(images):
+            raise ValueError("one seed per image is required")
+        current = [resize_for_rule(image, size_rule, resolution) for image in images]
+        if len({image.size for image in current}) > 1:
+            raise ValueError("all images of a batch must have the same processed size")
+        if not plugins:
+            return current
+        hidden_states = self.clip_hidden_states(images)
+        for stage, plugin in enumerate(plugins):
+            prompt_embeds = self.visual_prompt(plugin, hidden_states)
+            cond_latents = self.encode_condition(current)
+            stage_callback = (lambda *a, _s=stage, **kw: callback(_s, *a, **kw)) if callback else None
+            latents = self.denoise(plugin, prompt_embeds, cond_latents, seeds, steps if stage == 0 else chain_steps, stage_callback)
+            current = self.decode(latents)
+        return current
+
+    @torch.no_grad()
+    def clip_hidden_states(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, ...]:
+        """CLIP-vision hidden states of the original images, shared by every plugin of a chain."""
+        pixels = self.base.clip_processor(images=list(images), return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, self.dtype)
+        return self.base.clip_vision(pixels, output_hidden_states=True).hidden_states
+
+    @torch.no_grad()
+    def visual_prompt(self, plugin: TaskPlugin, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """F^p: the TPB output that stands in for the text prompt, [B, 256, 768]."""
+        self._place(plugin)
+        return plugin.tpb(hidden_states)
+
+    @torch.no_grad()
+    def encode_condition(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """z_c = scaling_factor x the VAE posterior mean (the processor floors sizes to a multiple of 8)."""
+        width, height = images[0].size
+        pixels = self.image_processor.preprocess(list(images), height=height, width=width)
+        pixels = pixels.to(self.device, self.dtype)
+        return self.base.vae.config.scaling_factor * self.base.vae.encode(pixels).latent_dist.mean
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        plugin: TaskPlugin,
+        prompt_embeds: torch.Tensor,
+        cond_latents: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        self._place(plugin)
+        # Last step to sigma(t=0), as the authors' diffusers did; the current default ends at sigma 0.
+        scheduler = UniPCMultistepScheduler.from_config(self.base.scheduler_config, final_sigmas_type="sigma_min")
+        scheduler.set_timesteps(steps, device=self.device)
+        noise = initial_noise(seeds, cond_latents.shape[1:]).to(self.device, self.dtype)
+        # A zero mid-block residual keeps diffusers on the ControlNet path (REFERENCE.md, "Trap").
+        zero = torch.zeros(1, device=self.device, dtype=self.dtype)
+        latents = noise
+        for step, t in enumerate(scheduler.timesteps):
+            if plugin.init == "input" and t >= TIME_THRESHOLD:
+                latents = scheduler.add_noise(cond_latents, noise, t.reshape(1))
+            residuals = plugin.scb(t, prompt_embeds, cond_latents)
+            down_residuals = residuals + [zero] * (self._unet_skip_count - len(residuals))
+            noise_pred = self.base.unet(
+                latents,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                down_block_additional_residuals=down_residuals,
+                mid_block_additional_residual=zero,
+            ).sample
+            latents = scheduler.step(noise_pred, t, latents).prev_sample
+            if callback:
+                callback(step=step, timestep=int(t), latents=latents, noise_pred=noise_pred, residuals=residuals)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        decoded = self.base.vae.decode(latents / self.base.vae.config.scaling_factor).sample
+        return self.image_processor.postprocess(decoded.float(), output_type="pil")
+
+    def _place(self, plugin: TaskPlugin) -> None:
+        """Move a plugin to the pipeline's device and dtype the first time it is used."""
+        if id(plugin) not in self._placed:
+            for model in (plugin.tpb, plugin.scb):
+                # nn.Module.to: ModelMixin.to warns on every dtype cast, even a no-op one.
+                torch.nn.Module.to(model, self.device, self.dtype)
+            self._placed.add(id(plugin))
+
+
+def initial_noise(seeds: Sequence[int], latent_shape: Sequence[int]) -> torch.Tensor:
+    """One draw per image from a CPU generator seeded with its seed, so an image's noise
+    (and output) does not depend on batch size, batch position or device."""
+    draws = [torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+    return torch.cat(draws)

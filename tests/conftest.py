@@ -1,0 +1,47 @@
+"""Offline fixtures: the tiny models of ../shared/conformance, loaded once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("DIFFPLUGIN_PLUGIN_PATH", None)
+os.environ.pop("DIFFPLUGIN_REGISTRY", None)
+
+import torch  # noqa: E402
+
+# The reference outputs were produced with 2 threads; other counts change the last bits.
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFORMANCE = Path(os.environ.get("DIFFPLUGIN_CONFORMANCE", REPO.parent / "shared" / "conformance"))
+if not (CONFORMANCE / "manifest.json").is_file():
+    raise RuntimeError(f"conformance set not found at {CONFORMANCE}; set DIFFPLUGIN_CONFORMANCE")
+MANIFEST = json.loads((CONFORMANCE / "manifest.json").read_text())
+BASE = str(CONFORMANCE / "base")
+CLIP = str(CONFORMANCE / "clip_vision")
+PLUGINS = CONFORMANCE / "plugins"
+
+
+@pytest.fixture(scope="session")
+def pipeline():
+    from diffplugin_cli import DiffPluginPipeline
+
+    return DiffPluginPipeline.from_pretrained(BASE, CLIP, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def plugins():
+    from diffplugin_cli import Registry, load_plugin
+
+    registry = Registry.load()
+    return {name: load_plugin(PLUGINS / name, registry.entry(name)) for name in ("desnow", "lowlight")}
+
+
+def cli_args(*extra: str) -> list[str]:
+    """Common `run` flags pointing at the tiny offline models."""
+    return ["--plugin-dir", str(PLUGINS), "--base-model", BASE, "--clip-model", CLIP, "--device", "cpu", *extra]
