@@ -87,6 +87,7 @@ def main_callback(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """Restore photos with Diff-Plugin Task-Plugins (desnow, dehaze, deblur, derain, face, lowlight, demoire, highlight)."""
+    _quiet_third_party_logs()
 
 
 @app.command()
@@ -217,7 +218,6 @@ def plugins_convert(
 
 def main() -> None:
     """Entry point of the `diffplugin` command."""
-    _quiet_third_party_logs()
     app()
 
 
