@@ -94,12 +94,13 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
         values = np.asarray(image, dtype=np.float64)
         values = values * 255.0 if values.max() <= 1.0 else values
         return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8)).convert("RGB"), None
-    if mode == "P" and "transparency" in image.info or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if (mode == "P" and "transparency" in image.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         return rgba.convert("RGB"), rgba.getchannel("A")
-    if mode in ("RGB", "L", "P", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+    try:
         return image.convert("RGB"), None
-    raise ImageError(f"unsupported image mode {mode}")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"unsupported image mode {mode} ({exc})") from None
 
 
 def output_extension(ext: str, source: Path) -> str:
