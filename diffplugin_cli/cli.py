@@ -27,7 +27,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 plugins_app = typer.Typer(help="Find and convert Task-Plugins.", no_args_is_help=True)
+train_app = typer.Typer(help="Train the Plugin-Selector's heads.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate the Plugin-Selector.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
 
 stderr = Console(stderr=True)
 
@@ -114,12 +118,15 @@ def run(
     base_model: Optional[str] = typer.Option(None, help="Stable Diffusion 1.x hub id or local folder [default: from the registry]."),
     clip_model: Optional[str] = typer.Option(None, help="CLIP vision hub id or local folder [default: from the registry]."),
     registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML [default: $DIFFPLUGIN_REGISTRY or the packaged one]."),
+    selector: str = typer.Option("text", help="With -i: text (instruction only, offline) or reference (the authors' selector, per image)."),
+    threshold: float = typer.Option(0.0, help="With -i: a plugin is selected when its score is above this."),
+    selector_heads: Optional[Path] = typer.Option(None, help="With -i: selector heads (reference: the authors' PromptTunner.pt; text: default the shipped ones)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as one JSON object on stdout."),
 ) -> None:
     """Restore images with Task-Plugins; each output gets a JSON sidecar. Exit codes: 0 done, 1 some images failed, 2 usage error, 130 interrupted."""
-    if instruction is not None:
-        _fail("-i/--instruction needs the Plugin-Selector, which is not available in this version; use --task NAME[,NAME...]")
+    if instruction is not None and task:
+        _fail("give either --task or -i/--instruction, not both")
     if ext not in ("png", "jpg", "webp", "same"):
         _fail(f"--ext {ext!r}: expected png, jpg, webp or same")
     if size_rule not in SIZE_RULES:
@@ -145,6 +152,10 @@ def run(
         base_model=base_model,
         clip_model=clip_model,
         registry=registry,
+        instruction=instruction,
+        selector=selector,
+        threshold=threshold,
+        selector_heads=selector_heads,
     )
     reporter = RichReporter(show_progress=not quiet and stderr.is_terminal)
     try:
@@ -156,10 +167,100 @@ def run(
     elif not quiet:
         stderr.print(
             f"{summary.processed} restored, {summary.skipped} already done, {summary.failed} failed"
+            + (f", {summary.no_match} with no plugin matched" if summary.no_match else "")
             + (" (interrupted)" if summary.interrupted else "")
             + f" -> {output}"
         )
     raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def select(
+    instruction: str = typer.Option(..., "-i", "--instruction", help="What to do, in words; '-' reads one instruction per line from stdin (JSON Lines out)."),
+    image: Optional[Path] = typer.Argument(None, help="The image (needed by --selector reference)."),
+    selector: str = typer.Option("text", help="text (instruction only, offline) or reference (the authors' selector; needs IMAGE)."),
+    threshold: float = typer.Option(0.0, help="A plugin is selected when its score is above this."),
+    selector_heads: Optional[Path] = typer.Option(None, help="Heads file (reference: PromptTunner.pt; text: default the shipped ones)."),
+    plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
+    base_model: Optional[str] = typer.Option(None, help="Reference selector: SD-1.x hub id or folder (text encoder) [default: registry]."),
+    clip_model: Optional[str] = typer.Option(None, help="Reference selector: CLIP vision hub id or folder [default: registry]."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show which plugins an instruction selects, with every plugin's score."""
+    from .selection import SelectRequest, open_selector
+
+    request = SelectRequest(selector, threshold, selector_heads, plugin_dir, base_model, clip_model, registry)
+    try:
+        choose = open_selector(request, image)
+        if instruction == "-":
+            for line in sys.stdin:
+                if line.strip():
+                    print(json.dumps(choose(line.rstrip("\n")).to_json()), flush=True)
+            return
+        selection = choose(instruction)
+    except DiffPluginError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(selection.to_json()))
+        return
+    table = Table(title=f"{selection.selector} selector, threshold {selection.threshold:g}")
+    table.add_column("plugin")
+    table.add_column("score", justify="right")
+    table.add_column("selected")
+    for name, score in sorted(selection.scores.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, f"{score:.3f}", "yes" if name in selection.selected else "")
+    Console().print(table)
+    print("selected: " + (", ".join(selection.selected) if selection.selected else "none (no plugin matches this request)"))
+
+
+@train_app.command("selector")
+def train_selector(
+    out: Path = typer.Option(..., "--out", help="Where to write the heads (.safetensors)."),
+    corpus: Optional[Path] = typer.Option(None, help="Corpus folder (<task>.txt, none.txt, negation.txt, inverse.txt, objects.toml) [default: the shipped one]."),
+    steps: int = typer.Option(600, help="Optimisation steps."),
+    negatives: int = typer.Option(7, help="Negative texts per anchor in the contrastive loss (the paper's N)."),
+    temperature: float = typer.Option(0.07, help="Temperature tau of the contrastive loss."),
+    batch_size: int = typer.Option(32, help="Anchors per step."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    seed: int = typer.Option(0, help="Seed of sampling and initialisation."),
+) -> None:
+    """Train the text selector's heads (the shipped ones come from the defaults)."""
+    from .selection import train_text_heads_file
+
+    try:
+        written = train_text_heads_file(out, corpus, steps=steps, negatives=negatives, temperature=temperature, batch_size=batch_size, lr=lr, seed=seed,
+                                        log=lambda step, loss: stderr.print(f"step {step}: loss {loss:.4f}"))
+    except DiffPluginError as exc:
+        _fail(str(exc))
+    print(written)
+
+
+@eval_app.command("selector")
+def eval_selector(
+    cases: Path = typer.Option(..., "--cases", help="JSON Lines: {\"text\": ..., \"labels\": [...], \"kind\": optional}."),
+    selector_heads: Optional[Path] = typer.Option(None, help="Text selector heads [default: the shipped ones]."),
+    threshold: float = typer.Option(0.0, help="A plugin is selected when its score is above this."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """ZTA, mAP, CP, OP, OR, CF1, OF1 of the text selector on labelled instructions, overall and per kind."""
+    from .selection import evaluate_text_selector
+
+    try:
+        report = evaluate_text_selector(cases, selector_heads, threshold)
+    except DiffPluginError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report))
+        return
+    columns = ("ZTA", "mAP", "CP", "OP", "OR", "CF1", "OF1", "cases")
+    table = Table(title=f"text selector on {cases}")
+    table.add_column("kind")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for kind, values in report["metrics"].items():
+        table.add_row(kind, *(f"{values[c]:.3f}" if c != "cases" else str(values[c]) for c in columns))
+    Console().print(table)
 
 
 @plugins_app.command("list")

@@ -67,10 +67,10 @@ def load_base_models(base_model: str, clip_model: str, device: torch.device, dty
     from transformers import CLIPVisionModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    vae = _load(AutoencoderKL, base_model, "--base-model", subfolder="vae", torch_dtype=dtype)
-    unet = _load(UNet2DConditionModel, base_model, "--base-model", subfolder="unet", torch_dtype=dtype)
-    scheduler_config = _load(UniPCMultistepScheduler, base_model, "--base-model", subfolder="scheduler").config
-    clip_vision = _load(CLIPVisionModel, clip_model, "--clip-model", dtype=dtype)
+    vae = load_component(AutoencoderKL, base_model, "--base-model", subfolder="vae", torch_dtype=dtype)
+    unet = load_component(UNet2DConditionModel, base_model, "--base-model", subfolder="unet", torch_dtype=dtype)
+    scheduler_config = load_component(UniPCMultistepScheduler, base_model, "--base-model", subfolder="scheduler").config
+    clip_vision = load_component(CLIPVisionModel, clip_model, "--clip-model", dtype=dtype)
     for model in (vae, unet, clip_vision):
         model.to(device).eval().requires_grad_(False)
     return BaseModels(
@@ -87,7 +87,8 @@ def load_base_models(base_model: str, clip_model: str, device: torch.device, dty
     )
 
 
-def _load(cls, source: str, flag: str, subfolder: str | None = None, **kwargs):
+def load_component(cls, source: str, flag: str, subfolder: str | None = None, **kwargs):
+    """`cls.from_pretrained` with one clear error naming `flag` when the model cannot be had."""
     if subfolder:
         kwargs["subfolder"] = subfolder
     where = f"{source}/{subfolder}" if subfolder else source
@@ -95,7 +96,7 @@ def _load(cls, source: str, flag: str, subfolder: str | None = None, **kwargs):
     if Path(source).exists():
         if not local.is_dir():
             raise ModelNotFoundError(f"{where}: folder missing; {flag} must point at a diffusers-layout model folder")
-        if not any(local.glob("*.safetensors")):
+        if issubclass(cls, torch.nn.Module) and not any(local.glob("*.safetensors")):
             # Older checkpoints ship only .bin files (still read with weights_only=True).
             kwargs["use_safetensors"] = False
     try:

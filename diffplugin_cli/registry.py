@@ -37,6 +37,7 @@ class Registry:
     clip_model: str
     plugins: dict[str, PluginEntry]
     path: Path
+    order: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "Registry":
@@ -68,6 +69,7 @@ class Registry:
             clip_model=base.get("clip", "openai/clip-vit-large-patch14"),
             plugins=plugins,
             path=path,
+            order=tuple(data.get("selector", {}).get("order", ())) or tuple(plugins),
         )
 
     def entry(self, name: str) -> PluginEntry:

@@ -26,7 +26,8 @@ from .errors import DiffPluginError, ImageError
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, looks_like_image, output_extension, save_image
 from .pipeline import DiffPluginPipeline
 from .plugins import TaskPlugin, load_plugin
-from .registry import Registry, find_plugin, plugin_search_path
+from .registry import Registry, discover_plugins, find_plugin, plugin_search_path
+from .selector import ReferenceSelector, Selection, TextSelector
 from .sizing import processed_size
 
 SIDECAR_SCHEMA_VERSION = 1
@@ -59,6 +60,10 @@ class RunOptions:
     base_model: str | None = None
     clip_model: str | None = None
     registry: str | os.PathLike | None = None
+    instruction: str | None = None
+    selector: str = "text"
+    threshold: float = 0.0
+    selector_heads: str | os.PathLike | None = None
 
 
 @dataclass
@@ -79,10 +84,12 @@ class RunSummary:
     processed: int = 0
     skipped: int = 0
     failed: int = 0
+    no_match: int = 0
     interrupted: bool = False
     failures: list[dict] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     plugins: list[dict] = field(default_factory=list)
+    selection: dict | None = None
     started_at: str = ""
     seconds: float = 0.0
 
@@ -168,7 +175,8 @@ def seed_for(relpath: Path, options: RunOptions) -> int:
 
 def request_of(item: WorkItem, input_sha256: str, plugins: Sequence[TaskPlugin], options: RunOptions, base: tuple[str, str]) -> dict:
     """What determines an output: a finished output whose sidecar holds the same request is skipped."""
-    return {
+    selector = {"instruction": options.instruction, "selector": options.selector, "threshold": options.threshold} if options.instruction is not None else {}
+    return selector | {
         "input_sha256": input_sha256,
         "plugins": [[p.name, p.sha256, p.init] for p in plugins],
         "seed": seed_for(item.relpath, options),
@@ -234,11 +242,50 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def resolve_plugins(options: RunOptions, registry: Registry) -> list[TaskPlugin]:
-    if not options.tasks:
-        raise DiffPluginError("no plugin given: use --task NAME[,NAME...] (or -i \"instruction\")")
+class PluginChooser:
+    """Decides which plugins restore an image: fixed (--task, text selector) or per image (reference)."""
+
+    def __init__(self, plugins: list[TaskPlugin], selection: Selection | None = None):
+        self.plugins, self.selection = plugins, selection
+
+    def choose(self, image: LoadedImage, pipeline: Callable[[], DiffPluginPipeline]) -> tuple[list[TaskPlugin], Selection | None]:
+        return self.plugins, self.selection
+
+
+class ReferenceChooser(PluginChooser):
+    """The authors' selector: every installed plugin's F^p for this image is a key."""
+
+    def __init__(self, installed: list[TaskPlugin], selector: ReferenceSelector, options: RunOptions, order: Sequence[str]):
+        super().__init__(installed)
+        self.selector, self.options, self.order = selector, options, order
+
+    def choose(self, image, pipeline):
+        pipe = pipeline()
+        hidden = pipe.clip_hidden_states([image.rgb])
+        prompts = {plugin.name: pipe.visual_prompt(plugin, hidden) for plugin in self.plugins}
+        selection = self.selector.select(self.options.instruction, prompts, self.options.threshold, self.order)
+        by_name = {plugin.name: plugin for plugin in self.plugins}
+        return [by_name[name] for name in selection.selected], selection
+
+
+def make_chooser(options: RunOptions, registry: Registry, base_model: str) -> PluginChooser:
     dirs = plugin_search_path(options.plugin_dirs)
-    return [load_plugin(find_plugin(name, dirs), registry.entry(name)) for name in options.tasks]
+    if options.instruction is None:
+        if not options.tasks:
+            raise DiffPluginError("no plugin given: use --task NAME[,NAME...] or -i \"instruction\"")
+        return PluginChooser([load_plugin(find_plugin(name, dirs), registry.entry(name)) for name in options.tasks])
+    installed = sorted(discover_plugins(dirs))
+    if not installed:
+        raise DiffPluginError("no plugins installed to choose from; give --plugin-dir or set DIFFPLUGIN_PLUGIN_PATH")
+    if options.selector == "reference":
+        if not options.selector_heads:
+            raise DiffPluginError("--selector reference needs --selector-heads PromptTunner.pt")
+        plugins = [load_plugin(find_plugin(name, dirs), registry.entry(name)) for name in installed]
+        return ReferenceChooser(plugins, ReferenceSelector.from_pretrained(options.selector_heads, base_model), options, registry.order)
+    if options.selector != "text":
+        raise DiffPluginError(f"--selector {options.selector!r}: expected text or reference")
+    selection = TextSelector.from_file(options.selector_heads).select(options.instruction, installed, options.threshold, registry.order)
+    return PluginChooser([load_plugin(find_plugin(name, dirs), registry.entry(name)) for name in selection.selected], selection)
 
 
 def run(
@@ -260,27 +307,34 @@ def run(
         raise DiffPluginError("--batch-size, --steps and --chain-steps must be >= 1 and --resolution >= 8")
     registry = Registry.load(options.registry)
     base_ids = (options.base_model or registry.base_model, options.clip_model or registry.clip_model)
-    plugins = resolve_plugins(options, registry)
+    chooser = make_chooser(options, registry, base_ids[0])
     items, failures = collect_inputs(inputs, options.output_dir, options.suffix, options.ext, stdin)
     summary = RunSummary(
         output_dir=str(options.output_dir),
         inputs=len(items) + len(failures),
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        plugins=[{"name": p.name, "sha256": p.sha256, "init": p.init, "path": str(p.path)} for p in plugins],
+        plugins=[{"name": p.name, "sha256": p.sha256, "init": p.init, "path": str(p.path)} for p in chooser.plugins],
+        selection=chooser.selection.to_json() if chooser.selection else None,
     )
     for failure in failures:
         _fail(summary, reporter, failure["path"], failure["reason"])
     options.output_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale_temporaries(options.output_dir)
 
+    loaded: list[DiffPluginPipeline] = [pipeline] if pipeline else []
+
+    def get_pipeline() -> DiffPluginPipeline:
+        """Models load on first need: a run with nothing left to do loads none."""
+        if not loaded:
+            loaded.append(pipeline_factory() if pipeline_factory else DiffPluginPipeline.from_pretrained(*base_ids, options.device, options.dtype))
+        return loaded[0]
+
     reporter.start(summary.inputs)
     reporter.advance(len(failures))
     try:
         with _InterruptGuard() as guard:
-            for batch in _batches(_pending_images(items, plugins, options, base_ids, summary, reporter), options):
-                if pipeline is None:
-                    pipeline = pipeline_factory() if pipeline_factory else DiffPluginPipeline.from_pretrained(*base_ids, options.device, options.dtype)
-                _process_batch(batch, pipeline, plugins, options, base_ids, summary, reporter, guard)
+            for batch in _batches(_pending_images(items, chooser, get_pipeline, options, base_ids, summary, reporter), options):
+                _process_batch(batch, get_pipeline(), options, base_ids, summary, reporter, guard)
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
@@ -297,9 +351,11 @@ class _Pending:
     image: LoadedImage
     request: dict
     size: tuple[int, int]
+    plugins: list[TaskPlugin]
+    selection: Selection | None
 
 
-def _pending_images(items, plugins, options, base_ids, summary, reporter) -> Iterator[_Pending]:
+def _pending_images(items, chooser, get_pipeline, options, base_ids, summary, reporter) -> Iterator[_Pending]:
     """Load inputs one at a time, dropping bad ones and those already done (unless --overwrite).
 
     A generator, so a long run holds only the images of the batches being filled.
@@ -311,27 +367,34 @@ def _pending_images(items, plugins, options, base_ids, summary, reporter) -> Ite
             _fail(summary, reporter, str(item.source), str(exc))
             reporter.advance()
             continue
+        plugins, selection = chooser.choose(image, get_pipeline)
+        if not plugins:
+            summary.no_match += 1
+            reporter.advance()
+            continue
         request = request_of(item, image.sha256, plugins, options, base_ids)
         if not options.overwrite and is_done(item, request):
             summary.skipped += 1
             reporter.advance()
             continue
         size = processed_size(*image.size, options.size_rule, options.resolution)
-        yield _Pending(item, image, request, size)
+        yield _Pending(item, image, request, size, plugins, selection)
 
 
 def _batches(pending: Iterable[_Pending], options: RunOptions) -> Iterator[list[_Pending]]:
-    """Group images of equal processed size, at most batch_size at a time, in input order per size."""
-    buckets: dict[tuple[int, int], list[_Pending]] = {}
+    """Group images of equal processed size and plugin chain, at most batch_size at a time."""
+    buckets: dict[tuple, list[_Pending]] = {}
     for entry in pending:
-        bucket = buckets.setdefault(entry.size, [])
+        key = (entry.size, tuple(id(plugin) for plugin in entry.plugins))
+        bucket = buckets.setdefault(key, [])
         bucket.append(entry)
         if len(bucket) == options.batch_size:
-            yield buckets.pop(entry.size)
+            yield buckets.pop(key)
     yield from buckets.values()
 
 
-def _process_batch(batch, pipeline, plugins, options, base_ids, summary, reporter, guard) -> None:
+def _process_batch(batch, pipeline, options, base_ids, summary, reporter, guard) -> None:
+    plugins = batch[0].plugins
     started = time.perf_counter()
     try:
         outputs = pipeline(
@@ -353,7 +416,7 @@ def _process_batch(batch, pipeline, plugins, options, base_ids, summary, reporte
         processed = output.size
         if options.keep_size and output.size != entry.image.size:
             output = output.resize(entry.image.size, Image.LANCZOS)
-        sidecar = _sidecar(entry, output, processed, pipeline, plugins, options, base_ids, seconds)
+        sidecar = _sidecar(entry, output, processed, pipeline, options, base_ids, seconds)
         with guard.write():
             try:
                 save_image(output, entry.image.alpha, entry.item.output)
@@ -367,15 +430,15 @@ def _process_batch(batch, pipeline, plugins, options, base_ids, summary, reporte
             reporter.advance()
 
 
-def _sidecar(entry: _Pending, output: Image.Image, processed: tuple[int, int], pipeline, plugins, options, base_ids, seconds) -> dict:
+def _sidecar(entry: _Pending, output: Image.Image, processed: tuple[int, int], pipeline, options, base_ids, seconds) -> dict:
     """The per-output JSON record; its schema is documented in README (schema_version 1)."""
-    request = entry.request
+    request, plugins = entry.request, entry.plugins
     return {
         "schema_version": SIDECAR_SCHEMA_VERSION,
         "input": {"path": str(entry.item.source), "sha256": entry.image.sha256, "width": entry.image.size[0], "height": entry.image.size[1], "mode": entry.image.mode},
         "output": {"path": str(entry.item.output), "width": output.size[0], "height": output.size[1]},
         "plugins": [{"name": p.name, "sha256": p.sha256, "init": p.init, "steps": options.steps if i == 0 else options.chain_steps} for i, p in enumerate(plugins)],
-        "selector": None,
+        "selector": entry.selection.to_json() if entry.selection else None,
         "seed": request["seed"],
         "steps": options.steps,
         "chain_steps": options.chain_steps,

@@ -1,0 +1,66 @@
+"""Text selector benchmark: load time, time per instruction, held-out accuracy, training time. Not a test.
+
+    python bench/bench_selector.py [--cases tests/data/selector_heldout.jsonl] [--train]
+
+Also reports how many held-out clauses appear word for word in the training corpus, and ZTA on
+the held-out cases none of whose clauses does, so that overlap cannot flatter the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from diffplugin_cli.selector import NULL_KEY, TextSelector, clauses
+from diffplugin_cli.selector_eval import evaluate, read_cases
+from diffplugin_cli.selector_training import load_corpus
+
+TARGETS = {"single": 0.99, "multi": 0.97, "single+unsupported": 0.90, "none": 0.90, "negation": 0.90}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=str(Path(__file__).parents[1] / "tests/data/selector_heldout.jsonl"))
+    parser.add_argument("--heads", help="heads file (default: the shipped ones)")
+    parser.add_argument("--train", action="store_true", help="also time training the heads from scratch")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    selector = TextSelector.from_file(args.heads)
+    load_s = time.perf_counter() - start
+    cases = read_cases(args.cases)
+    tasks = [label for label in selector.labels if label != NULL_KEY]
+    selector.raw_scores("warm up")
+    start = time.perf_counter()
+    report = evaluate(cases, selector.raw_scores, tasks)
+    per_instruction_ms = (time.perf_counter() - start) / len(cases) * 1000
+
+    training = {text.lower() for text in load_corpus().texts}
+    seen = [any(c.lower() in training for c in clauses(case["text"])) for case in cases]
+    unseen_cases = [case for case, hit in zip(cases, seen) if not hit]
+    unseen = evaluate(unseen_cases, selector.raw_scores, tasks) if unseen_cases else {}
+
+    print(f"load_s: {load_s:.3f}   per_instruction_ms: {per_instruction_ms:.2f}   cases: {len(cases)}")
+    print(f"held-out cases with a clause found verbatim in training: {sum(seen)} of {len(cases)}")
+    print(f"{'kind':>20} {'ZTA':>6} {'target':>6} {'unseen':>7} {'mAP':>6} {'CF1':>6} {'OF1':>6} {'n':>4}")
+    for kind, values in report.items():
+        target = TARGETS.get(kind)
+        unseen_zta = unseen.get(kind, {}).get("ZTA")
+        print(f"{kind:>20} {values['ZTA']:6.3f} {target if target else '':>6} {unseen_zta if unseen_zta is None else round(unseen_zta, 3)!s:>7}"
+              f" {values['mAP']:6.3f} {values['CF1']:6.3f} {values['OF1']:6.3f} {values['cases']:4d}")
+    if args.train:
+        from diffplugin_cli.selection import train_text_heads_file
+
+        with tempfile.TemporaryDirectory() as folder:
+            start = time.perf_counter()
+            train_text_heads_file(Path(folder) / "heads.safetensors")
+            print(f"train_from_scratch_s: {time.perf_counter() - start:.1f}")
+    print(json.dumps({"load_s": round(load_s, 3), "per_instruction_ms": round(per_instruction_ms, 2),
+                      "zta": {k: round(v["ZTA"], 4) for k, v in report.items()}}))
+
+
+if __name__ == "__main__":
+    main()

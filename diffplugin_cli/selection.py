@@ -1,0 +1,80 @@
+"""Selector tasks behind `diffplugin select`, `train selector` and `eval selector`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import DiffPluginError
+from .registry import Registry, discover_plugins, find_plugin, plugin_search_path
+from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, save_text_heads
+from .selector_eval import evaluate, read_cases
+from .selector_training import TrainConfig, load_corpus, train_text_selector
+
+
+@dataclass
+class SelectRequest:
+    selector: str = "text"
+    threshold: float = 0.0
+    heads: str | os.PathLike | None = None
+    plugin_dirs: Sequence[str | os.PathLike] = field(default_factory=list)
+    base_model: str | None = None
+    clip_model: str | None = None
+    registry: str | os.PathLike | None = None
+
+
+def open_selector(request: SelectRequest, image: str | os.PathLike | None = None) -> Callable[[str], Selection]:
+    """A function instruction -> Selection, with the models loaded once.
+
+    text: scores the installed plugins it knows, or every task it knows when none is installed.
+    reference: needs the image, the authors' heads and the installed plugins (their F^p are keys).
+    """
+    registry = Registry.load(request.registry)
+    dirs = plugin_search_path(request.plugin_dirs)
+    installed = sorted(discover_plugins(dirs))
+    if request.selector == "text":
+        selector = TextSelector.from_file(request.heads)
+        known = [label for label in selector.labels if label != NULL_KEY]
+        candidates = [name for name in installed if name in known] or known
+        return lambda text: selector.select(text, candidates, request.threshold, registry.order)
+    if request.selector != "reference":
+        raise DiffPluginError(f"--selector {request.selector!r}: expected text or reference")
+    if image is None or request.heads is None:
+        raise DiffPluginError("--selector reference needs an IMAGE and --selector-heads PromptTunner.pt")
+    if not installed:
+        raise DiffPluginError("--selector reference scores installed plugins; give --plugin-dir or set DIFFPLUGIN_PLUGIN_PATH")
+    from .images import load_image
+    from .errors import ImageError
+    from .pipeline import DiffPluginPipeline
+    from .plugins import load_plugin
+
+    try:
+        rgb = load_image(image).rgb
+    except ImageError as exc:
+        raise DiffPluginError(f"{image}: {exc}") from None
+    base_model = request.base_model or registry.base_model
+    pipeline = DiffPluginPipeline.from_pretrained(base_model, request.clip_model or registry.clip_model, "cpu", "fp32")
+    hidden = pipeline.clip_hidden_states([rgb])
+    prompts = {name: pipeline.visual_prompt(load_plugin(find_plugin(name, dirs), registry.entry(name)), hidden) for name in installed}
+    selector = ReferenceSelector.from_pretrained(request.heads, base_model)
+    return lambda text: selector.select(text, prompts, request.threshold, registry.order)
+
+
+def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | None = None, log=None, **config) -> Path:
+    """Train the text selector from scratch and write its heads (with provenance) to `out`."""
+    settings = TrainConfig(**config)
+    texts = load_corpus(corpus, seed=settings.seed)
+    heads = train_text_selector(texts, SentenceEncoder(), settings, log)
+    provenance = {"trained_with": f"diffplugin {__version__}", "corpus_texts": str(len(texts.texts))} | {k: str(v) for k, v in vars(settings).items()}
+    return save_text_heads(heads, out, provenance)
+
+
+def evaluate_text_selector(cases_path: str | os.PathLike, heads: str | os.PathLike | None = None, threshold: float = 0.0) -> dict:
+    cases = read_cases(cases_path)
+    selector = TextSelector.from_file(heads)
+    classes = [label for label in selector.labels if label != NULL_KEY]
+    report = evaluate(cases, selector.raw_scores, classes, threshold)
+    return {"selector": "text", "heads": str(heads or "shipped"), "threshold": threshold, "cases": str(cases_path), "metrics": report}

