@@ -213,7 +213,8 @@ def test_inputs_are_never_overwritten(tmp_path, pipeline):
         ((), "no plugin given"),
         (("--task", "desnow", "--ext", "gif"), "--ext"),
         (("--task", "desnow", "--size-rule", "huge"), "--size-rule"),
-        (("-i", "remove snow"), "Plugin-Selector"),
+        (("-i", "remove snow", "--task", "desnow"), "not both"),
+        (("-i", "remove snow", "--selector", "magic"), "--selector"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, args, message):
