@@ -3,31 +3,38 @@
 Library use mirrors the CLI:
 
     from diffplugin_cli import DiffPluginPipeline, load_plugin, RunOptions, run
+
+Names are imported on first use, so that `diffplugin --help` does not load torch.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .errors import DiffPluginError, ImageError, ModelNotFoundError  # noqa: E402
-from .models import SpatialComplementBranch, TaskPromptBranch  # noqa: E402
-from .pipeline import DiffPluginPipeline  # noqa: E402
-from .plugins import TaskPlugin, convert_plugin, load_plugin, read_plugin, write_plugin  # noqa: E402
-from .registry import Registry  # noqa: E402
-from .runner import RunOptions, RunSummary, run  # noqa: E402
+_EXPORTS = {
+    "DiffPluginError": "errors",
+    "ImageError": "errors",
+    "ModelNotFoundError": "errors",
+    "SpatialComplementBranch": "models",
+    "TaskPromptBranch": "models",
+    "DiffPluginPipeline": "pipeline",
+    "TaskPlugin": "plugins",
+    "convert_plugin": "plugins",
+    "load_plugin": "plugins",
+    "read_plugin": "plugins",
+    "write_plugin": "plugins",
+    "Registry": "registry",
+    "RunOptions": "runner",
+    "RunSummary": "runner",
+    "run": "runner",
+    "ReferenceSelector": "selector",
+    "Selection": "selector",
+    "TextSelector": "selector",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "DiffPluginError",
-    "DiffPluginPipeline",
-    "ImageError",
-    "ModelNotFoundError",
-    "Registry",
-    "RunOptions",
-    "RunSummary",
-    "SpatialComplementBranch",
-    "TaskPlugin",
-    "TaskPromptBranch",
-    "convert_plugin",
-    "load_plugin",
-    "read_plugin",
-    "run",
-    "write_plugin",
-]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffplugin_cli' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

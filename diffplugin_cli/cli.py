@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+# Only light imports here: torch, diffusers and transformers load inside the commands that need them.
 from . import __version__
-from .errors import DiffPluginError
+from .errors import EXIT_USAGE, DiffPluginError
 from .images import DEFAULT_MAX_PIXELS
-from .plugins import convert_plugin
 from .registry import Registry, discover_plugins, plugin_search_path
-from .runner import EXIT_USAGE, Reporter, RunOptions, run as run_batch
 from .sizing import SIZE_RULES
 
 app = typer.Typer(
@@ -34,45 +33,6 @@ app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
 
 stderr = Console(stderr=True)
-
-
-class RichReporter(Reporter):
-    """A progress bar on a terminal (count, images/s, ETA); one stderr line per failure."""
-
-    def __init__(self, show_progress: bool):
-        self.progress = None
-        if show_progress:
-            self.progress = Progress(
-                TextColumn("[bold]restoring"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TaskProgressColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-                console=stderr,
-            )
-
-    def start(self, total: int) -> None:
-        if self.progress:
-            self.progress.start()
-            self.task = self.progress.add_task("run", total=total, rate="")
-
-    def advance(self, count: int = 1) -> None:
-        if self.progress and count:
-            self.progress.advance(self.task, count)
-            speed = self.progress.tasks[0].speed
-            self.progress.update(self.task, rate=f"{speed:.2f} img/s" if speed else "")
-
-    def failure(self, path: str, reason: str) -> None:
-        line = f"{path}: {reason}"
-        if self.progress:
-            self.progress.console.print(line, markup=False, highlight=False)
-        else:
-            print(line, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.progress:
-            self.progress.stop()
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -125,6 +85,9 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as one JSON object on stdout."),
 ) -> None:
     """Restore images with Task-Plugins; each output gets a JSON sidecar. Exit codes: 0 done, 1 some images failed, 2 usage error, 130 interrupted."""
+    from .reporting import RichReporter
+    from .runner import RunOptions, run as run_batch
+
     if instruction is not None and task:
         _fail("give either --task or -i/--instruction, not both")
     if ext not in ("png", "jpg", "webp", "same"):
@@ -308,6 +271,8 @@ def plugins_convert(
     source: Optional[str] = typer.Option(None, help="Where the weights come from, recorded in the file."),
 ) -> None:
     """Convert a plugin between the authors' format and our single-file safetensors format."""
+    from .plugins import convert_plugin
+
     if init is not None and init not in ("input", "noise"):
         _fail(f"--init {init!r}: expected input or noise")
     try:
@@ -323,11 +288,10 @@ def main() -> None:
 
 
 def _quiet_third_party_logs() -> None:
-    """diffusers/transformers print loading chatter and progress bars we do not want in pipelines."""
-    import diffusers
-    import transformers
+    """diffusers/transformers print loading chatter and progress bars we do not want in pipelines.
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    Environment defaults, read when those libraries are first imported (after this runs), so
+    `--help` does not pay for importing them; a user's own settings win.
+    """
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(name, value)

@@ -1,4 +1,6 @@
-"""Exceptions with a user-facing message; the CLI maps them to exit codes."""
+"""Exceptions with a user-facing message, and the exit codes the CLI maps outcomes to."""
+
+EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class DiffPluginError(Exception):

@@ -22,10 +22,11 @@ from PIL import Image
 
 from . import __version__
 from .atomic import atomic_path, sweep_stale_temporaries
-from .errors import DiffPluginError, ImageError
+from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DiffPluginError, ImageError
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, looks_like_image, output_extension, save_image
 from .pipeline import DiffPluginPipeline
 from .plugins import TaskPlugin, load_plugin
+from .reporting import Reporter
 from .registry import Registry, discover_plugins, find_plugin, plugin_search_path
 from .selector import ReferenceSelector, Selection, TextSelector
 from .sizing import processed_size
@@ -33,7 +34,6 @@ from .sizing import processed_size
 SIDECAR_SCHEMA_VERSION = 1
 SUMMARY_SCHEMA_VERSION = 1
 SUMMARY_NAME = "diffplugin-run.json"
-EXIT_OK, EXIT_FAILURES, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 @dataclass
@@ -104,18 +104,6 @@ class RunSummary:
         data["images_per_second"] = round(self.processed / self.seconds, 4) if self.seconds else 0.0
         data["exit_code"] = self.exit_code
         return {"schema_version": SUMMARY_SCHEMA_VERSION, "version": __version__} | data
-
-
-class Reporter:
-    """Where a run tells its progress; the default tells nothing (library use)."""
-
-    def start(self, total: int) -> None: ...
-
-    def advance(self, count: int = 1) -> None: ...
-
-    def failure(self, path: str, reason: str) -> None: ...
-
-    def close(self) -> None: ...
 
 
 # --- planning ---------------------------------------------------------------------------------

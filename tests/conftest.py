@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+from diffplugin_cli.cli import _quiet_third_party_logs  # noqa: E402
+
+# What `diffplugin` sets before transformers/diffusers are imported (they read it at import).
+_quiet_third_party_logs()
 os.environ.pop("DIFFPLUGIN_PLUGIN_PATH", None)
 os.environ.pop("DIFFPLUGIN_REGISTRY", None)
 
