@@ -1,8 +1,10 @@
-"""Atomic file writes: write beside the target, then rename, so a killed run leaves no half file."""
+"""File helpers: atomic writes (write beside the target, then rename, so a killed run leaves no
+half file) and streaming SHA-256."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 
@@ -34,3 +36,11 @@ def sweep_stale_temporaries(folder: Path) -> int:
             stale.unlink()
             removed += 1
     return removed
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

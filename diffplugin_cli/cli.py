@@ -229,36 +229,114 @@ def eval_selector(
 @plugins_app.command("list")
 def plugins_list(
     plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
-    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML [default: $DIFFPLUGIN_REGISTRY or the packaged one]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Show the registry's plugins and where each was found on disk."""
+    """Show the registry's plugins and every plugin found: where, format, size, source, sha256, verified."""
+    from .install import plugin_home, records
+
     try:
         reg = Registry.load(registry)
     except DiffPluginError as exc:
         _fail(str(exc))
     found = discover_plugins(plugin_search_path(plugin_dir))
+    installed = records()
     rows = []
-    for name in list(reg.plugins) + sorted(set(found) - set(reg.plugins)):
-        entry = reg.entry(name)
-        location = found.get(name)
+    for name in list(reg.plugins) + sorted((set(found) | set(installed)) - set(reg.plugins)):
+        entry, location, record = reg.entry(name), found.get(name), installed.get(name)
         rows.append({
             "name": name,
             "description": entry.description,
             "init": entry.init,
-            "found": location is not None,
-            "path": str(location) if location else None,
+            "available": bool(entry.files) or name == "reference-selector" and bool(reg.selector_files),
+            "found": location is not None or record is not None,
+            "path": str(location) if location else (record.path if record else None),
             "format": None if location is None else ("safetensors" if location.is_file() else "authors"),
+            "installed": record is not None,
+            "size": (location.stat().st_size if location and location.is_file() else record.size if record else None),
+            "source": record.source if record else None,
+            "sha256": record.sha256 if record else None,
+            "verified": record.verified if record else None,
         })
     if as_json:
-        print(json.dumps({"registry": str(reg.path), "plugins": rows}))
+        print(json.dumps({"registry": str(reg.path), "home": str(plugin_home()), "plugins": rows}))
         return
-    table = Table(title=f"Plugins (registry {reg.path})")
-    for column in ("name", "description", "init", "found at"):
+    table = Table(title=f"Plugins (registry {reg.path}, home {plugin_home()})")
+    for column in ("name", "description", "found at", "size", "verified"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["description"], row["init"], f"{row['path']} ({row['format']})" if row["found"] else "-")
+        size = f"{row['size'] / 2**20:.1f} MiB" if row["size"] else "-"
+        verified = {True: "sha256 ok", False: "first use", None: "-"}[row["verified"]]
+        table.add_row(row["name"], row["description"], f"{row['path']} ({row['format'] or 'installed'})" if row["found"] else "-", size, verified)
     Console().print(table)
+
+
+@plugins_app.command("install")
+def plugins_install(
+    targets: List[str] = typer.Argument(..., help="Registry plugin names, 'all', 'reference-selector', a local folder/.safetensors/archive, or a URL."),
+    name: Optional[str] = typer.Option(None, help="Name to install a path or URL under [default: from its file name]."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML [default: $DIFFPLUGIN_REGISTRY or the packaged one]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    as_json: bool = typer.Option(False, "--json", help="Print the install records as JSON."),
+) -> None:
+    """Download, verify (sha256), convert to our single-file format and install into $DIFFPLUGIN_HOME."""
+    from dataclasses import asdict
+
+    from .install import install
+    from .reporting import download_progress
+
+    try:
+        reg = Registry.load(registry)
+        progress = None if quiet or not stderr.is_terminal else download_progress(stderr)
+        installed = [record for target in targets for record in install(target, reg, name=name, progress=progress)]
+    except DiffPluginError as exc:
+        _fail(str(exc), code=1)
+    if as_json:
+        print(json.dumps([asdict(record) for record in installed]))
+        return
+    for record in installed:
+        trust = "sha256 verified" if record.verified else "not verified (no published sha256): recorded " + ", ".join(
+            f"{rel} {info['sha256']}" for rel, info in record.files.items())
+        print(f"installed {record.name} -> {record.path} ({trust})")
+
+
+@plugins_app.command("info")
+def plugins_info(name: str = typer.Argument(..., help="An installed plugin.")) -> None:
+    """Print an installed plugin's record (sources, sha256 of every file, verified or trusted on first use)."""
+    from dataclasses import asdict
+
+    from .install import records
+
+    record = records().get(name)
+    if record is None:
+        _fail(f"{name}: not installed (see `diffplugin plugins list`)")
+    print(json.dumps(asdict(record), indent=2))
+
+
+@plugins_app.command("remove")
+def plugins_remove(name: str = typer.Argument(..., help="An installed plugin.")) -> None:
+    """Remove an installed plugin from $DIFFPLUGIN_HOME."""
+    from .install import remove
+
+    try:
+        record = remove(name)
+    except DiffPluginError as exc:
+        _fail(str(exc))
+    print(f"removed {record.name} ({record.path})")
+
+
+@plugins_app.command("verify")
+def plugins_verify(as_json: bool = typer.Option(False, "--json", help="Print the results as JSON.")) -> None:
+    """Re-hash every installed file against its install record; exit 1 if any differs or is missing."""
+    from .install import verify
+
+    results = verify()
+    if as_json:
+        print(json.dumps(results))
+    else:
+        for result in results:
+            print(f"{result['name']}: {'ok' if result['ok'] else 'FAILED: ' + result['reason']}")
+    raise typer.Exit(0 if all(r["ok"] for r in results) else 1)
 
 
 @plugins_app.command("convert")

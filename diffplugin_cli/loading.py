@@ -58,19 +58,24 @@ class BaseModels:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load_base_models(base_model: str, clip_model: str, device: torch.device, dtype: torch.dtype) -> BaseModels:
+def load_base_models(
+    base_model: str, clip_model: str, device: torch.device, dtype: torch.dtype, base_revision: str | None = None, clip_revision: str | None = None
+) -> BaseModels:
     """Load VAE, UNet and scheduler config from `base_model` and CLIP vision from `clip_model`.
 
-    Each may be a hub id (taken from the Hugging Face cache when offline) or a local folder.
+    Each may be a hub id (taken from the Hugging Face cache when offline, at the pinned revision
+    if given) or a local folder.
     """
+    pin = {"revision": base_revision} if base_revision else {}
+    clip_pin = {"revision": clip_revision} if clip_revision else {}
     from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
     from transformers import CLIPVisionModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    vae = load_component(AutoencoderKL, base_model, "--base-model", subfolder="vae", torch_dtype=dtype)
-    unet = load_component(UNet2DConditionModel, base_model, "--base-model", subfolder="unet", torch_dtype=dtype)
-    scheduler_config = load_component(UniPCMultistepScheduler, base_model, "--base-model", subfolder="scheduler").config
-    clip_vision = load_component(CLIPVisionModel, clip_model, "--clip-model", dtype=dtype)
+    vae = load_component(AutoencoderKL, base_model, "--base-model", subfolder="vae", torch_dtype=dtype, **pin)
+    unet = load_component(UNet2DConditionModel, base_model, "--base-model", subfolder="unet", torch_dtype=dtype, **pin)
+    scheduler_config = load_component(UniPCMultistepScheduler, base_model, "--base-model", subfolder="scheduler", **pin).config
+    clip_vision = load_component(CLIPVisionModel, clip_model, "--clip-model", dtype=dtype, **clip_pin)
     for model in (vae, unet, clip_vision):
         model.to(device).eval().requires_grad_(False)
     return BaseModels(

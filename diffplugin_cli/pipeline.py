@@ -35,9 +35,11 @@ class DiffPluginPipeline:
         self._placed: set[int] = set()
 
     @classmethod
-    def from_pretrained(cls, base_model: str, clip_model: str, device: str = "auto", dtype: str = "auto") -> "DiffPluginPipeline":
+    def from_pretrained(
+        cls, base_model: str, clip_model: str, device: str = "auto", dtype: str = "auto", base_revision: str | None = None, clip_revision: str | None = None
+    ) -> "DiffPluginPipeline":
         dev = resolve_device(device)
-        return cls(load_base_models(base_model, clip_model, dev, resolve_dtype(dtype, dev)))
+        return cls(load_base_models(base_model, clip_model, dev, resolve_dtype(dtype, dev), base_revision, clip_revision))
 
     @torch.no_grad()
     def __call__(

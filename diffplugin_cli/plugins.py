@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .atomic import atomic_path
+from .atomic import atomic_path, file_sha256
 from .errors import DiffPluginError
 from .models import SpatialComplementBranch, TaskPromptBranch
 from .registry import INIT_MODES, PluginEntry
@@ -112,14 +112,6 @@ def plugin_sha256(path: str | os.PathLike) -> str:
         return file_sha256(path)
     lines = "".join(f"{rel}  {file_sha256(path / rel)}\n" for rel in AUTHORS_FILES)
     return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_weights_file(path: Path) -> dict:

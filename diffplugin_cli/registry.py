@@ -38,6 +38,9 @@ class Registry:
     plugins: dict[str, PluginEntry]
     path: Path
     order: tuple[str, ...] = ()
+    selector_files: dict = field(default_factory=dict)
+    base_revision: str | None = None
+    clip_revision: str | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "Registry":
@@ -70,6 +73,9 @@ class Registry:
             plugins=plugins,
             path=path,
             order=tuple(data.get("selector", {}).get("order", ())) or tuple(plugins),
+            selector_files=dict(data.get("selector", {}).get("files", {})),
+            base_revision=base.get("model_revision"),
+            clip_revision=base.get("clip_revision"),
         )
 
     def entry(self, name: str) -> PluginEntry:
@@ -78,11 +84,14 @@ class Registry:
 
 
 def plugin_search_path(plugin_dirs: list[str | os.PathLike] | None = None) -> list[Path]:
-    """Folders searched for plugins: --plugin-dir values first, then $DIFFPLUGIN_PLUGIN_PATH."""
+    """Folders searched for plugins: --plugin-dir values, then $DIFFPLUGIN_PLUGIN_PATH, then the
+    plugins installed by `diffplugin plugins install`."""
+    from .install import installed_plugins_dir
+
     dirs = [Path(d) for d in plugin_dirs or ()]
     env = os.environ.get("DIFFPLUGIN_PLUGIN_PATH", "")
     dirs += [Path(d) for d in env.split(os.pathsep) if d]
-    return dirs
+    return dirs + [installed_plugins_dir()]
 
 
 def plugin_location(folder: Path, name: str) -> Path | None:
@@ -117,5 +126,5 @@ def find_plugin(name: str, dirs: list[Path]) -> Path:
         location = plugin_location(folder, name)
         if location is not None:
             return location
-    searched = ", ".join(str(d) for d in dirs) or "no folders (give --plugin-dir or set DIFFPLUGIN_PLUGIN_PATH)"
-    raise DiffPluginError(f"plugin {name!r} not found; searched {searched}")
+    searched = ", ".join(str(d) for d in dirs)
+    raise DiffPluginError(f"plugin {name!r} not found; searched {searched} (install it with `diffplugin plugins install {name}` or give --plugin-dir)")

@@ -57,3 +57,22 @@ class RichReporter(Reporter):
     def close(self) -> None:
         if self.progress:
             self.progress.stop()
+
+
+def download_progress(console: Console):
+    """A factory of per-file download callbacks drawing rich progress bars (bytes, speed, ETA)."""
+    from rich.progress import DownloadColumn, TransferSpeedColumn
+
+    def for_file(label: str):
+        progress = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True)
+        task = progress.add_task(label, total=None)
+        progress.start()
+
+        def update(done: int, total: int | None) -> None:
+            progress.update(task, completed=done, total=total)
+            if total is not None and done >= total:
+                progress.stop()
+
+        return update
+
+    return for_file

@@ -23,6 +23,7 @@ from PIL import Image
 from . import __version__
 from .atomic import atomic_path, sweep_stale_temporaries
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DiffPluginError, ImageError
+from .install import installed_selector
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, looks_like_image, output_extension, save_image
 from .pipeline import DiffPluginPipeline
 from .plugins import TaskPlugin, load_plugin
@@ -266,10 +267,11 @@ def make_chooser(options: RunOptions, registry: Registry, base_model: str) -> Pl
     if not installed:
         raise DiffPluginError("no plugins installed to choose from; give --plugin-dir or set DIFFPLUGIN_PLUGIN_PATH")
     if options.selector == "reference":
-        if not options.selector_heads:
-            raise DiffPluginError("--selector reference needs --selector-heads PromptTunner.pt")
+        heads = options.selector_heads or installed_selector()
+        if not heads:
+            raise DiffPluginError("--selector reference needs the authors' heads: `diffplugin plugins install reference-selector` or --selector-heads PromptTunner.pt")
         plugins = [load_plugin(find_plugin(name, dirs), registry.entry(name)) for name in installed]
-        return ReferenceChooser(plugins, ReferenceSelector.from_pretrained(options.selector_heads, base_model), options, registry.order)
+        return ReferenceChooser(plugins, ReferenceSelector.from_pretrained(heads, base_model), options, registry.order)
     if options.selector != "text":
         raise DiffPluginError(f"--selector {options.selector!r}: expected text or reference")
     selection = TextSelector.from_file(options.selector_heads).select(options.instruction, installed, options.threshold, registry.order)
@@ -314,7 +316,8 @@ def run(
     def get_pipeline() -> DiffPluginPipeline:
         """Models load on first need: a run with nothing left to do loads none."""
         if not loaded:
-            loaded.append(pipeline_factory() if pipeline_factory else DiffPluginPipeline.from_pretrained(*base_ids, options.device, options.dtype))
+            pins = (None if options.base_model else registry.base_revision, None if options.clip_model else registry.clip_revision)
+            loaded.append(pipeline_factory() if pipeline_factory else DiffPluginPipeline.from_pretrained(*base_ids, options.device, options.dtype, *pins))
         return loaded[0]
 
     reporter.start(summary.inputs)

@@ -42,8 +42,11 @@ def open_selector(request: SelectRequest, image: str | os.PathLike | None = None
         return lambda text: selector.select(text, candidates, request.threshold, registry.order)
     if request.selector != "reference":
         raise DiffPluginError(f"--selector {request.selector!r}: expected text or reference")
-    if image is None or request.heads is None:
-        raise DiffPluginError("--selector reference needs an IMAGE and --selector-heads PromptTunner.pt")
+    from .install import installed_selector
+
+    heads = request.heads or installed_selector()
+    if image is None or heads is None:
+        raise DiffPluginError("--selector reference needs an IMAGE and the authors' heads (`diffplugin plugins install reference-selector` or --selector-heads PromptTunner.pt)")
     if not installed:
         raise DiffPluginError("--selector reference scores installed plugins; give --plugin-dir or set DIFFPLUGIN_PLUGIN_PATH")
     from .images import load_image
@@ -59,7 +62,7 @@ def open_selector(request: SelectRequest, image: str | os.PathLike | None = None
     pipeline = DiffPluginPipeline.from_pretrained(base_model, request.clip_model or registry.clip_model, "cpu", "fp32")
     hidden = pipeline.clip_hidden_states([rgb])
     prompts = {name: pipeline.visual_prompt(load_plugin(find_plugin(name, dirs), registry.entry(name)), hidden) for name in installed}
-    selector = ReferenceSelector.from_pretrained(request.heads, base_model)
+    selector = ReferenceSelector.from_pretrained(heads, base_model)
     return lambda text: selector.select(text, prompts, request.threshold, registry.order)
 
 

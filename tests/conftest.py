@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from diffplugin_cli.cli import _quiet_third_party_logs  # noqa: E402
 _quiet_third_party_logs()
 os.environ.pop("DIFFPLUGIN_PLUGIN_PATH", None)
 os.environ.pop("DIFFPLUGIN_REGISTRY", None)
+# Never the user's own plugin home: installed plugins would change what tests find.
+os.environ["DIFFPLUGIN_HOME"] = tempfile.mkdtemp(prefix="diffplugin-test-home-")
 
 import torch  # noqa: E402
 
