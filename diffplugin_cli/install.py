@@ -251,34 +251,35 @@ def _inside(root: Path, relpath: str) -> Path:
 def _extract(archive: Path, dest: Path) -> Path:
     """Unpack a zip/tar, refusing absolute paths, '..', links and special files."""
     dest.mkdir(parents=True)
-    if archive.name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as zipped:
-            for info in zipped.infolist():
-                target = _inside(dest, info.filename)
-                if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise DiffPluginError(f"{archive}: refused: {info.filename} is a symbolic link")
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zipped.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
-        return dest
-    try:
-        with tarfile.open(archive) as tarred:
-            for member in tarred.getmembers():
-                target = _inside(dest, member.name)
-                if not (member.isfile() or member.isdir()):
-                    raise DiffPluginError(f"{archive}: refused: {member.name} is a link or special file")
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with tarred.extractfile(member) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
-    except tarfile.TarError as exc:
-        raise DiffPluginError(f"{archive}: not a readable archive ({exc})") from None
+    for name, kind, open_member in _members(archive):
+        target = _inside(dest, name)
+        if kind == "other":
+            raise DiffPluginError(f"{archive}: refused: {name} is a link or special file")
+        if kind == "dir":
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open_member() as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out)
     return dest
+
+
+def _members(archive: Path):
+    """(name, 'file' | 'dir' | 'other', opener) for each member of a zip or tar archive."""
+    try:
+        if archive.name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zipped:
+                for info in zipped.infolist():
+                    is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
+                    kind = "other" if is_link else "dir" if info.is_dir() else "file"
+                    yield info.filename, kind, lambda info=info: zipped.open(info)
+        else:
+            with tarfile.open(archive) as tarred:
+                for member in tarred.getmembers():
+                    kind = "file" if member.isfile() else "dir" if member.isdir() else "other"
+                    yield member.name, kind, lambda member=member: tarred.extractfile(member)
+    except (tarfile.TarError, zipfile.BadZipFile) as exc:
+        raise DiffPluginError(f"{archive}: not a readable archive ({exc})") from None
 
 
 def _plugin_root(folder: Path) -> Path:

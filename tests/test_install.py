@@ -232,6 +232,13 @@ def test_archive_symlink_is_refused(tmp_path, home, server):
         tarred.addfile(link)
     with pytest.raises(DiffPluginError, match="link or special file"):
         install(str(path), write_registry(tmp_path / "reg.toml", server), name="link")
+    zipped = tmp_path / "link.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        info = zipfile.ZipInfo("p/tpb.pt")
+        info.external_attr = 0o120777 << 16
+        archive.writestr(info, "/etc/passwd")
+    with pytest.raises(DiffPluginError, match="link or special file"):
+        install(str(zipped), write_registry(tmp_path / "reg.toml", server), name="link")
 
 
 def test_local_folder_info_verify_remove(tmp_path, home, server):
