@@ -26,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 plugins_app = typer.Typer(help="Find and convert Task-Plugins.", no_args_is_help=True)
-train_app = typer.Typer(help="Train the Plugin-Selector's heads.", no_args_is_help=True)
+train_app = typer.Typer(help="Train new Task-Plugins or the Plugin-Selector's heads.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate the Plugin-Selector.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(train_app, name="train")
@@ -175,6 +175,54 @@ def select(
         table.add_row(name, f"{score:.3f}", "yes" if name in selection.selected else "")
     Console().print(table)
     print("selected: " + (", ".join(selection.selected) if selection.selected else "none (no plugin matches this request)"))
+
+
+@train_app.command("plugin")
+def train_plugin(
+    name: str = typer.Option(..., help="Name of the new plugin (also its task)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: NAME.safetensors, checkpoints/, train_log.csv, validation/."),
+    data: Optional[Path] = typer.Option(None, help="CSV of pairs: header input,target; the authors' image,conditioning_image; or no header (input,target)."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder the CSV paths are relative to [default: the CSV's folder]."),
+    inputs: Optional[Path] = typer.Option(None, help="Folder of degraded inputs (file names matching --targets)."),
+    targets: Optional[Path] = typer.Option(None, help="Folder of ground-truth images."),
+    degrade: Optional[str] = typer.Option(None, help="Synthesise inputs from the targets: lowlight, blur, noise or jpeg (formulas in README)."),
+    init_noise: str = typer.Option("input", help="Recorded in the plugin: input (start from the noised input) or noise (as lowlight/highlight)."),
+    max_steps: int = typer.Option(1000, help="Optimisation steps."),
+    resolution: int = typer.Option(512, help="Training crop size (short-side resize, random crop, random flip)."),
+    batch_size: int = typer.Option(1, help="Pairs per step per process (the authors: 64 in all)."),
+    lr: float = typer.Option(1e-5, help="AdamW learning rate (constant, as the paper)."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
+    mixed_precision: str = typer.Option("no", help="no, fp16 or bf16 (through accelerate)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
+    checkpoint_every: int = typer.Option(500, help="Save a resumable checkpoint every N steps."),
+    validate_every: int = typer.Option(0, help="Render --validation-images every N steps (0: never)."),
+    validation_images: Optional[Path] = typer.Option(None, help="Folder of images to render during validation."),
+    scb_init: str = typer.Option("zero", help="zero (zero output convs, as the paper) or unet (also copy the UNet's first down block)."),
+    seed: int = typer.Option(0, help="Seed of sampling, augmentation, noise and initialisation."),
+    resume: Optional[str] = typer.Option(None, help="Continue from 'latest' or a checkpoint folder."),
+    base_model: Optional[str] = typer.Option(None, help="SD-1.x hub id or folder [default: registry]."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP vision hub id or folder [default: registry]."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
+) -> None:
+    """Train a Task-Plugin (TPB + SCB) on a frozen base model; `accelerate launch -m diffplugin_cli train plugin ...` for many GPUs or machines."""
+    from .images import looks_like_image
+    from .training import TrainOptions, train_plugin as run_training
+    from .training_data import read_pairs
+
+    try:
+        reg = Registry.load(registry)
+        pairs = read_pairs(data, data_root, inputs, targets, degrade)
+        validation = sorted(p for p in validation_images.iterdir() if looks_like_image(p)) if validation_images else []
+        options = TrainOptions(
+            name=name, out_dir=out, pairs=pairs, base_model=base_model or reg.base_model, clip_model=clip_model or reg.clip_model,
+            init=init_noise, degrade=degrade, resolution=resolution, max_steps=max_steps, batch_size=batch_size, lr=lr, grad_accum=grad_accum,
+            mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, checkpoint_every=checkpoint_every,
+            validate_every=validate_every, validation_images=validation, scb_init=scb_init, seed=seed, resume=resume,
+        )
+        result = run_training(options, log=lambda line: stderr.print(line))
+    except DiffPluginError as exc:
+        _fail(str(exc))
+    print(result.plugin)
 
 
 @train_app.command("selector")

@@ -30,7 +30,7 @@ from .registry import INIT_MODES, PluginEntry
 FORMAT_TAG = "diffplugin-plugin"
 FORMAT_VERSION = "1"
 AUTHORS_FILES = ("tpb.pt", "scb/config.json", "scb/diffusion_pytorch_model.bin")
-PROVENANCE_KEYS = ("name", "task", "init", "source", "version")
+PROVENANCE_KEYS = ("name", "task", "init", "source", "version", "base_model", "steps", "data_sha256")
 
 
 @dataclass
