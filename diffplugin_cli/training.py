@@ -118,11 +118,12 @@ def plugin_loss(base, tpb, scb, batch: dict, noise_scheduler, clip_mean: torch.T
     noise = per_sample(latents.shape[1:])
     timesteps = torch.cat([torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,), generator=g) for g in generators]).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prompt = tpb(hidden)
-    residuals = scb(timesteps, prompt, cond_latents)
-    zero = torch.zeros(1, device=device, dtype=residuals[0].dtype)
+    # The trained branches stay in fp32 and read fp32; the frozen UNet reads its own dtype.
+    prompt = tpb(tuple(h.float() for h in hidden))
+    residuals = [r.to(dtype) for r in scb(timesteps, prompt, cond_latents.float())]
+    zero = torch.zeros(1, device=device, dtype=dtype)
     skips = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in base.unet.down_blocks)
-    prediction = base.unet(noisy, timesteps, encoder_hidden_states=prompt, down_block_additional_residuals=residuals + [zero] * (skips - len(residuals)),
+    prediction = base.unet(noisy, timesteps, encoder_hidden_states=prompt.to(dtype), down_block_additional_residuals=residuals + [zero] * (skips - len(residuals)),
                            mid_block_additional_residual=zero).sample
     return F.mse_loss(prediction.float(), noise.float())
 

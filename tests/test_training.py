@@ -166,3 +166,11 @@ def test_batches_are_a_function_of_seed_and_step(clean_images):
     halves = [step_batch(pairs, 5, 0, 1, 32, "noise", process_index=p, num_processes=2) for p in (0, 1)]
     assert torch.equal(torch.cat([h["target"] for h in halves]), a["target"])
     assert a["input"].shape == (2, 3, 32, 32) and a["input"].min() >= -1 and a["input"].max() <= 1
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path, clean_images):
+    """Frozen models in bf16, trained branches in fp32 (a dtype mismatch used to fail here)."""
+    pairs = read_pairs(targets=clean_images, degrade="noise")
+    result = train_plugin(options(tmp_path / "bf16", pairs, max_steps=3, mixed_precision="bf16"), log=lambda line: None)
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    assert all(v.dtype == torch.float32 for v in weights(result.plugin).values())
