@@ -169,8 +169,27 @@ def test_batches_are_a_function_of_seed_and_step(clean_images):
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path, clean_images):
-    """Frozen models in bf16, trained branches in fp32 (a dtype mismatch used to fail here)."""
-    pairs = read_pairs(targets=clean_images, degrade="noise")
-    result = train_plugin(options(tmp_path / "bf16", pairs, max_steps=3, mixed_precision="bf16"), log=lambda line: None)
-    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
-    assert all(v.dtype == torch.float32 for v in weights(result.plugin).values())
+    """Frozen models in bf16, trained branches in fp32 (a dtype mismatch used to fail here).
+
+    Its own process: accelerate's precision is fixed once per process.
+    """
+    done = subprocess.run([sys.executable, "-m", "diffplugin_cli", "train", "plugin", "--name", "b", "--targets", str(clean_images), "--degrade", "noise",
+                           "--max-steps", "3", "--resolution", "64", "--mixed-precision", "bf16", "--out", str(tmp_path / "bf16"),
+                           "--base-model", BASE, "--clip-model", CLIP], capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    losses = [float(line.split(",")[1]) for line in (tmp_path / "bf16/train_log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path / "bf16/b.safetensors").values())
+
+
+def test_accumulation_checkpointing_validation_and_unet_init(tmp_path, clean_images, pipeline):
+    pairs = read_pairs(targets=clean_images, degrade="blur")
+    result = train_plugin(options(tmp_path / "out", pairs, max_steps=2, grad_accum=2, gradient_checkpointing=True, scb_init="unet",
+                                  validate_every=1, validation_images=[clean_images / "c0.png"], validation_steps=2), log=lambda line: None)
+    assert len(result.losses) == 2
+    for step in (1, 2):
+        assert Image.open(tmp_path / f"out/validation/step-{step}/c0.png").size == (64, 64)
+    unet_block = pipeline.base.unet.down_blocks[0].resnets[0].conv1.weight
+    untouched = build_plugin_models(pipeline.base.unet, pipeline.base.clip_vision, "unet")[1]
+    assert torch.equal(untouched.down_blocks[0].resnets[0].conv1.weight, unet_block)
+    assert not torch.equal(weights(result.plugin)["scb.down_blocks.0.resnets.0.conv1.weight"], torch.zeros_like(unet_block))
