@@ -27,7 +27,8 @@ app = typer.Typer(
 )
 plugins_app = typer.Typer(help="Find and convert Task-Plugins.", no_args_is_help=True)
 train_app = typer.Typer(help="Train new Task-Plugins or the Plugin-Selector's heads.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluate the Plugin-Selector.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate restored images (FID/KID/CLIP-FID/CLIP-KID, PSNR/SSIM/LPIPS) or the Plugin-Selector.",
+                       invoke_without_command=True)
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
@@ -245,6 +246,64 @@ def train_selector(
     except DiffPluginError as exc:
         _fail(str(exc))
     print(written)
+
+
+@eval_app.callback()
+def eval_images(
+    ctx: typer.Context,
+    task: Optional[str] = typer.Option(None, help="Run this plugin over --data (resumable, into --cache-dir) and score its outputs."),
+    metric: List[str] = typer.Option([], "--metric", "-m", help="fid, kid, clip-fid, clip-kid (vs --reference), psnr, ssim, lpips (pairs by name); repeatable."),
+    data: Optional[Path] = typer.Option(None, help="Test inputs for --task [default: test_data of the task in the registry]."),
+    reference: Optional[Path] = typer.Option(None, help="Reference images (ground truth or real clean photos) [default: test_reference in the registry]."),
+    outputs: List[Path] = typer.Option([], "--outputs", help="Score existing output folders instead of running; give two to compare side by side."),
+    feature_model: Optional[str] = typer.Option(None, help="Feature network for fid/kid/clip-*: a CLIP hub id or local folder [default: Inception; CLIP ViT-B/32 for clip-*]."),
+    ssim_on: str = typer.Option("y", help="SSIM on y (luma, BT.601) or rgb."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per image pair (pair metrics)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where --task writes its outputs [default: under $DIFFPLUGIN_HOME/eval]."),
+    plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Folder holding plugins; repeatable."),
+    base_model: Optional[str] = typer.Option(None, help="SD-1.x hub id or folder [default: registry]."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP vision (image encoder) hub id or folder [default: registry]."),
+    steps: int = typer.Option(20, help="Denoising steps for --task."),
+    seed: int = typer.Option(42, help="Seed for --task."),
+    size_rule: str = typer.Option("square", help="Size rule for --task."),
+    resolution: int = typer.Option(512, help="Processing resolution for --task."),
+    device: str = typer.Option("auto", help="Device for --task."),
+    dtype: str = typer.Option("auto", help="dtype for --task."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (a list when comparing)."),
+) -> None:
+    """Score restored images: `diffplugin eval --task derain --metric fid --data TEST --reference REF`, or `--outputs DIR`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .evaluation import evaluate_folder, render_task_outputs
+
+    if not metric:
+        _fail("give at least one --metric (fid, kid, clip-fid, clip-kid, psnr, ssim, lpips)")
+    if ssim_on not in ("y", "rgb"):
+        _fail(f"--ssim-on {ssim_on!r}: expected y or rgb")
+    try:
+        reg = Registry.load(registry)
+        folders = list(outputs)
+        if task and not folders:
+            rendered, _ = render_task_outputs(task, data, cache_dir, reg, plugin_dirs=plugin_dir, base_model=base_model, clip_model=clip_model,
+                                              steps=steps, seed=seed, size_rule=size_rule, resolution=resolution, device=device, dtype=dtype)
+            folders = [rendered]
+        if not folders:
+            _fail("give --task NAME (with --data) or --outputs DIR")
+        ref = reference or (Path(reg.entry(task).test_reference) if task and reg.entry(task).test_reference else None)
+        reports = [evaluate_folder(folder, ref, metric, feature_model, ssim_on, csv_file if len(folders) == 1 else None) for folder in folders]
+    except DiffPluginError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(reports[0] if len(reports) == 1 else reports))
+        return
+    table = Table(title=f"vs {reports[0]['reference']}")
+    table.add_column("metric")
+    for report in reports:
+        table.add_column(f"{report['outputs']} ({report['counts']['outputs']} images)", justify="right")
+    for name in metric:
+        table.add_row(name + (" (x100)" if name.endswith("kid") else ""), *("inf" if r["metrics"][name] is None else f"{r['metrics'][name]:.4f}" for r in reports))
+    Console().print(table)
 
 
 @eval_app.command("selector")

@@ -29,6 +29,8 @@ class PluginEntry:
     examples: tuple[str, ...] = ()
     source: str = ""
     files: dict = field(default_factory=dict)
+    test_data: str = ""
+    test_reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Registry:
                 examples=tuple(raw.get("examples", ())),
                 source=raw.get("source", ""),
                 files=dict(raw.get("files", {})),
+                test_data=raw.get("test_data", ""),
+                test_reference=raw.get("test_reference", ""),
             )
         return cls(
             base_model=base.get("model", "CompVis/stable-diffusion-v1-4"),
