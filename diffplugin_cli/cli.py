@@ -126,6 +126,8 @@ def run(
         summary = run_batch(inputs, options, stdin=sys.stdin if "-" in inputs else (), reporter=reporter)
     except DiffPluginError as exc:
         _fail(str(exc))
+    if summary.process:  # another process of an `accelerate launch` run: the main one reports
+        raise typer.Exit(summary.exit_code)
     if as_json:
         print(json.dumps(summary.to_json()))
     elif not quiet:

@@ -23,6 +23,7 @@ from PIL import Image
 from . import __version__
 from .atomic import atomic_path, sweep_stale_temporaries
 from .errors import EXIT_FAILURES, EXIT_INTERRUPTED, EXIT_OK, DiffPluginError, ImageError
+from .distributed import Shard
 from .install import installed_selector
 from .images import DEFAULT_MAX_PIXELS, LoadedImage, load_image, looks_like_image, output_extension, save_image
 from .pipeline import DiffPluginPipeline
@@ -93,11 +94,15 @@ class RunSummary:
     selection: dict | None = None
     started_at: str = ""
     seconds: float = 0.0
+    processes: int = 1
+    process: int = 0
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return EXIT_INTERRUPTED
+        if self.process:  # another process of a sharded run: the main one reports for all
+            return EXIT_OK
         return EXIT_FAILURES if self.failed else EXIT_OK
 
     def to_json(self) -> dict:
@@ -299,12 +304,19 @@ def run(
     base_ids = (options.base_model or registry.base_model, options.clip_model or registry.clip_model)
     chooser = make_chooser(options, registry, base_ids[0])
     items, failures = collect_inputs(inputs, options.output_dir, options.suffix, options.ext, stdin)
+    shard = Shard.current()
+    items, failures = shard.take(items), (failures if shard.is_main else [])
+    device = shard.device if shard.world > 1 and options.device == "auto" else options.device
+    if not shard.is_main:
+        reporter = _FailuresOnly(reporter)
     summary = RunSummary(
         output_dir=str(options.output_dir),
         inputs=len(items) + len(failures),
         started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         plugins=[{"name": p.name, "sha256": p.sha256, "init": p.init, "path": str(p.path)} for p in chooser.plugins],
         selection=chooser.selection.to_json() if chooser.selection else None,
+        processes=shard.world,
+        process=shard.rank,
     )
     for failure in failures:
         _fail(summary, reporter, failure["path"], failure["reason"])
@@ -317,7 +329,7 @@ def run(
         """Models load on first need: a run with nothing left to do loads none."""
         if not loaded:
             pins = (None if options.base_model else registry.base_revision, None if options.clip_model else registry.clip_revision)
-            loaded.append(pipeline_factory() if pipeline_factory else DiffPluginPipeline.from_pretrained(*base_ids, options.device, options.dtype, *pins))
+            loaded.append(pipeline_factory() if pipeline_factory else DiffPluginPipeline.from_pretrained(*base_ids, device, options.dtype, *pins))
         return loaded[0]
 
     reporter.start(summary.inputs)
@@ -331,9 +343,44 @@ def run(
     finally:
         reporter.close()
         summary.seconds = round(time.perf_counter() - started, 3)
-        with atomic_path(options.output_dir / SUMMARY_NAME) as tmp:
+        name = SUMMARY_NAME if shard.world == 1 else f".diffplugin-run.process{shard.rank}.json"
+        with atomic_path(options.output_dir / name) as tmp:
             tmp.write_text(json.dumps(summary.to_json(), indent=2) + "\n", encoding="utf-8")
+    if shard.world > 1:
+        shard.barrier()
+        if shard.is_main:
+            summary = _merge_process_summaries(options.output_dir, shard.world)
     return summary
+
+
+def _merge_process_summaries(output_dir: Path, world: int) -> RunSummary:
+    """One run summary from the per-process ones (which are then removed)."""
+    parts = [output_dir / f".diffplugin-run.process{rank}.json" for rank in range(world)]
+    loaded = [json.loads(part.read_text(encoding="utf-8")) for part in parts]
+    fields = {name for name in RunSummary.__dataclass_fields__}
+    merged = RunSummary(**{k: v for k, v in loaded[0].items() if k in fields})
+    for other in loaded[1:]:
+        for count in ("inputs", "processed", "skipped", "failed", "no_match"):
+            setattr(merged, count, getattr(merged, count) + other[count])
+        merged.failures += other["failures"]
+        merged.outputs += other["outputs"]
+        merged.interrupted = merged.interrupted or other["interrupted"]
+        merged.seconds = max(merged.seconds, other["seconds"])
+    with atomic_path(output_dir / SUMMARY_NAME) as tmp:
+        tmp.write_text(json.dumps(merged.to_json(), indent=2) + "\n", encoding="utf-8")
+    for part in parts:
+        part.unlink()
+    return merged
+
+
+class _FailuresOnly(Reporter):
+    """Other processes of a sharded run: their failures still print, the progress bar is the main one's."""
+
+    def __init__(self, inner: Reporter):
+        self.inner = inner
+
+    def failure(self, path: str, reason: str) -> None:
+        self.inner.failure(path, reason)
 
 
 @dataclass

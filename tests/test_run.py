@@ -279,3 +279,23 @@ def test_ctrl_c_exits_130_with_complete_files(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     for sidecar in out.glob("img*.json"):
         Image.open(sidecar.with_suffix(".png")).load()
+
+
+def test_accelerate_launch_shards_a_run_over_two_processes(tmp_path):
+    """`accelerate launch -m diffplugin_cli run`: every image once, one merged summary, resumable."""
+    make_images(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", "29519",
+               "-m", "diffplugin_cli", "run", str(tmp_path / "in"), "-o", str(out), "--task", "desnow", *FAST, "--json", *cli_args()]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    [line] = [l for l in first.stdout.splitlines() if l.startswith("{")]
+    summary = json.loads(line)
+    assert (summary["processed"], summary["inputs"], summary["processes"]) == (5, 5, 2)
+    assert sorted(summary["outputs"]) == sorted(str(out / f"img{i:02d}.png") for i in range(5))
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"img{i:02d}.{e}" for i in range(5) for e in ("png", "json")] + [SUMMARY_NAME])
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads([l for l in again.stdout.splitlines() if l.startswith("{")][0])["skipped"] == 5
