@@ -33,6 +33,7 @@ class DiffPluginPipeline:
         self.image_processor = VaeImageProcessor(vae_scale_factor=base.vae_scale_factor, do_convert_rgb=True, do_normalize=True)
         self._unet_skip_count = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in base.unet.down_blocks)
         self._placed: set[int] = set()
+        self.decode_retried = False  # whether the last call had to redo a half-precision decode in fp32
 
     @classmethod
     def from_pretrained(
@@ -63,6 +64,7 @@ class DiffPluginPipeline:
         current = [resize_for_rule(image, size_rule, resolution) for image in images]
         if len({image.size for image in current}) > 1:
             raise ValueError("all images of a batch must have the same processed size")
+        self.decode_retried = False
         if not plugins:
             return current
         hidden_states = self.clip_hidden_states(images)
@@ -132,7 +134,8 @@ class DiffPluginPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        decoded = self.base.vae.decode(latents / self.base.vae.config.scaling_factor).sample
+        decoded, retried = decode_latents(self.base.vae, latents)
+        self.decode_retried = self.decode_retried or retried
         return self.image_processor.postprocess(decoded.float(), output_type="pil")
 
     def _place(self, plugin: TaskPlugin) -> None:
@@ -142,6 +145,20 @@ class DiffPluginPipeline:
                 # nn.Module.to: ModelMixin.to warns on every dtype cast, even a no-op one.
                 torch.nn.Module.to(model, self.device, self.dtype)
             self._placed.add(id(plugin))
+
+
+def decode_latents(vae, latents: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """VAE decode; an fp16 decode that overflows (NaN/inf, the known SD VAE failure, which gives
+    black images) is redone in fp32. Returns (images in [-1, 1], whether it was redone)."""
+    scaled = latents / vae.config.scaling_factor
+    decoded = vae.decode(scaled).sample
+    if decoded.dtype != torch.float16 or torch.isfinite(decoded).all():
+        return decoded, False
+    vae.to(torch.float32)
+    try:
+        return vae.decode(scaled.float()).sample, True
+    finally:
+        vae.to(torch.float16)
 
 
 def initial_noise(seeds: Sequence[int], latent_shape: Sequence[int]) -> torch.Tensor:

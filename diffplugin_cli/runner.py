@@ -10,8 +10,10 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -231,8 +233,6 @@ class _InterruptGuard:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -398,11 +398,9 @@ def _pending_images(items, chooser, get_pipeline, options, base_ids, summary, re
 
     A generator, so a long run holds only the images of the batches being filled.
     """
-    for item in items:
-        try:
-            image = load_image(item.source, options.max_pixels)
-        except ImageError as exc:
-            _fail(summary, reporter, str(item.source), str(exc))
+    for item, image in _prefetched(items, options.max_pixels, depth=2 * options.batch_size):
+        if isinstance(image, ImageError):
+            _fail(summary, reporter, str(item.source), str(image))
             reporter.advance()
             continue
         plugins, selection = chooser.choose(image, get_pipeline)
@@ -417,6 +415,40 @@ def _pending_images(items, chooser, get_pipeline, options, base_ids, summary, re
             continue
         size = processed_size(*image.size, options.size_rule, options.resolution)
         yield _Pending(item, image, request, size, plugins, selection)
+
+
+def _prefetched(items: Sequence[WorkItem], max_pixels: int, depth: int) -> Iterator[tuple[WorkItem, LoadedImage | ImageError]]:
+    """Decode the next inputs in a background thread while the current batch is processed."""
+    loaded: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                try:
+                    result: LoadedImage | ImageError = load_image(item.source, max_pixels)
+                except ImageError as exc:
+                    result = exc
+                loaded.put((item, result))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            loaded.put(exc)
+            return
+        loaded.put(None)
+
+    worker = threading.Thread(target=work, name="diffplugin-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (entry := loaded.get()) is not None:
+            if isinstance(entry, BaseException):
+                raise entry
+            yield entry
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a worker waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                loaded.get(timeout=0.05)
 
 
 def _batches(pending: Iterable[_Pending], options: RunOptions) -> Iterator[list[_Pending]]:
@@ -490,8 +522,23 @@ def _sidecar(entry: _Pending, output: Image.Image, processed: tuple[int, int], p
         "clip_model": base_ids[1],
         "version": __version__,
         "seconds": round(seconds, 3),
+        "vae_decode_fp32_retry": pipeline.decode_retried,
+        "peak_memory_mib": peak_memory_mib(pipeline.device),
         "request": request,
     }
+
+
+def peak_memory_mib(device) -> dict:
+    """Peak memory so far: the process's resident set, and the GPU's allocations on CUDA."""
+    import torch
+
+    rss = None
+    with contextlib.suppress(ImportError):
+        import resource
+
+        rss = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    cuda = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if getattr(device, "type", "") == "cuda" else None
+    return {"rss": rss, "cuda": cuda}
 
 
 def _fail(summary: RunSummary, reporter: Reporter, path: str, reason: str) -> None:

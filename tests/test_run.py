@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -82,6 +83,8 @@ def test_outputs_mirror_tree_with_sidecars_and_summary(tmp_path, pipeline):
     assert sidecar["input"]["sha256"] and sidecar["processed_size"] == [64, 64] and sidecar["original_size"] == [40, 30]
     assert sidecar["selector"] is None and sidecar["seed"] == 42 and sidecar["steps"] == 2 and sidecar["chain_steps"] == 3
     assert {"dtype", "device", "base_model", "clip_model", "version", "seconds"} <= set(sidecar)
+    assert sidecar["vae_decode_fp32_retry"] is False
+    assert sidecar["peak_memory_mib"]["rss"] > 100 and sidecar["peak_memory_mib"]["cuda"] is None
     on_disk = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
     assert on_disk["processed"] == 5 and on_disk["exit_code"] == 0
 
@@ -299,3 +302,30 @@ def test_accelerate_launch_shards_a_run_over_two_processes(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads([l for l in again.stdout.splitlines() if l.startswith("{")][0])["skipped"] == 5
+
+
+def test_half_precision_decode_that_overflows_is_redone_in_fp32():
+    from diffplugin_cli.pipeline import decode_latents
+
+    class OverflowingVae(torch.nn.Module):
+        """Stands in for an SD VAE whose fp16 decode overflows."""
+
+        class config:
+            scaling_factor = 0.5
+
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1, dtype=torch.float16))
+
+        def decode(self, latents):
+            out = latents * self.scale
+            if self.scale.dtype == torch.float16:
+                out = out * float("inf")
+            return type("Out", (), {"sample": out})()
+
+    vae = OverflowingVae()
+    decoded, retried = decode_latents(vae, torch.ones(1, 4, 2, 2, dtype=torch.float16))
+    assert retried and torch.isfinite(decoded).all() and decoded.dtype == torch.float32
+    assert vae.scale.dtype == torch.float16  # back to half afterwards
+    fine, again = decode_latents(vae.float(), torch.ones(1, 4, 2, 2))
+    assert not again and torch.equal(fine, torch.full((1, 4, 2, 2), 2.0))
