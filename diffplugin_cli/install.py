@@ -290,7 +290,7 @@ def _plugin_root(folder: Path) -> Path:
     singles = sorted(folder.rglob("*.safetensors"))
     if len(singles) == 1:
         return singles[0]
-    raise DiffPluginError(f"no plugin in the archive (expected tpb.pt and scb/ at its top or in one folder)")
+    raise DiffPluginError("no plugin in the archive (expected tpb.pt and scb/ at its top or in one folder)")
 
 
 def _hash_tree(path: Path, origin: str) -> dict:

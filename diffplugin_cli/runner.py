@@ -12,7 +12,6 @@ import json
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field

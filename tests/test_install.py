@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from diffplugin_cli.cli import app
 from diffplugin_cli.errors import DiffPluginError
-from diffplugin_cli.install import install, records, remove, verify
+from diffplugin_cli.install import install, records, verify
 from diffplugin_cli.plugins import read_plugin
 from diffplugin_cli.registry import Registry
 
@@ -148,7 +148,7 @@ def test_checksum_mismatch_installs_nothing_and_keeps_the_previous_version(tmp_p
 
 
 def test_unreachable_source_names_it_and_the_local_way(tmp_path, home, server):
-    registry = write_registry(tmp_path / "reg.toml", server)
+    write_registry(tmp_path / "reg.toml", server)
     server.close()
     result = CliRunner().invoke(app, ["plugins", "install", "desnow", "--registry", str(tmp_path / "reg.toml")])
     assert result.exit_code == 1
