@@ -263,3 +263,28 @@ def test_local_folder_info_verify_remove(tmp_path, home, server):
 def test_unknown_target(tmp_path, home, server):
     result = CliRunner().invoke(app, ["plugins", "install", "nosuch", "--registry", str(write_registry(tmp_path / "reg.toml", server).path)])
     assert result.exit_code == 1 and "not a registry plugin" in result.stderr
+
+
+def test_hub_sources_come_through_huggingface_hub(tmp_path, home, monkeypatch):
+    """A registry entry naming a hub file: fetched with huggingface_hub (here from a prepared offline cache)."""
+    cache = tmp_path / "hf-cache"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--authors--diff-plugin" / "snapshots" / revision
+    for rel in AUTHORS_FILES:
+        (snapshot / "desnow" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / "desnow" / rel).write_bytes((PLUGINS / "desnow" / rel).read_bytes())
+    (cache / "models--authors--diff-plugin" / "refs").mkdir(parents=True)
+    (cache / "models--authors--diff-plugin" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    entries = "".join(f'"{rel}" = {{ hub = "authors/diff-plugin", path = "desnow/{rel}", '
+                      f'sha256 = "{hashlib.sha256((PLUGINS / "desnow" / rel).read_bytes()).hexdigest()}" }}\n' for rel in AUTHORS_FILES)
+    (tmp_path / "reg.toml").write_text(f'[plugins.desnow]\ninit = "input"\n[plugins.desnow.files]\n{entries}')
+    [record] = install("desnow", Registry.load(tmp_path / "reg.toml"))
+    assert record.verified and record.files["tpb.pt"]["source"] == "hub:authors/diff-plugin/desnow/tpb.pt"
+    original, installed = read_plugin(PLUGINS / "desnow"), read_plugin(record.path)
+    assert all(torch.equal(original.tpb_state[k], installed.tpb_state[k]) for k in original.tpb_state)
+    (tmp_path / "reg.toml").write_text('[plugins.desnow]\ninit = "input"\n[plugins.desnow.files]\n"tpb.pt" = { hub = "authors/missing", path = "tpb.pt" }\n')
+    with pytest.raises(DiffPluginError, match="from the hub repo authors/missing"):
+        install("desnow", Registry.load(tmp_path / "reg.toml"))
