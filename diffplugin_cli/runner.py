@@ -320,7 +320,9 @@ def run(
     for failure in failures:
         _fail(summary, reporter, failure["path"], failure["reason"])
     options.output_dir.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temporaries(options.output_dir)
+    if shard.is_main:  # one sweeper, before anyone writes: another process's temporaries are live
+        sweep_stale_temporaries(options.output_dir)
+    shard.barrier()
 
     loaded: list[DiffPluginPipeline] = [pipeline] if pipeline else []
 
