@@ -75,6 +75,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from diffplugin_cli.loading import DTYPES, load_base_models
+    from diffplugin_cli.models import predict_noise
     from diffplugin_cli.pipeline import DiffPluginPipeline
 
     device, dtype = torch.device("cpu"), DTYPES[args.dtype]
@@ -95,18 +96,13 @@ def main() -> None:
         cond = pipe.encode_condition([image])
         t = torch.tensor(999)
         latents = torch.randn_like(cond)
-        zero = torch.zeros(1, dtype=dtype)
         residuals = plugin.scb(t, prompt, cond)
-        skips = residuals + [zero] * (pipe._unet_skip_count - len(residuals))
         figures = {
             "clip_vision_s": timed(lambda: pipe.clip_hidden_states([image]), args.repeat),
             "tpb_s": timed(lambda: pipe.visual_prompt(plugin, hidden), args.repeat),
             "vae_encode_s": timed(lambda: pipe.encode_condition([image]), args.repeat),
             "scb_step_s": timed(lambda: plugin.scb(t, prompt, cond), args.repeat),
-            "unet_step_s": timed(
-                lambda: base.unet(latents, t, encoder_hidden_states=prompt, down_block_additional_residuals=skips, mid_block_additional_residual=zero),
-                args.repeat,
-            ),
+            "unet_step_s": timed(lambda: predict_noise(base.unet, latents, t, prompt, residuals), args.repeat),
             "vae_decode_s": timed(lambda: pipe.decode(latents), args.repeat),
         }
     start = time.perf_counter()

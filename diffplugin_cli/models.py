@@ -134,3 +134,16 @@ def _zero_conv(channels: int) -> nn.Conv2d:
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
+
+
+def predict_noise(unet, latents: torch.Tensor, timestep, prompt_embeds: torch.Tensor, residuals: list[torch.Tensor]) -> torch.Tensor:
+    """The UNet's epsilon with the SCB residuals added to its first skip connections.
+
+    The remaining skips get zero, and so does the mid block: passing a mid-block residual keeps
+    current diffusers on the ControlNet path (without it, it takes the residuals for T2I-Adapter ones).
+    """
+    zero = torch.zeros(1, device=latents.device, dtype=latents.dtype)
+    skips = 1 + sum(len(block.resnets) + (1 if block.downsamplers else 0) for block in unet.down_blocks)
+    padded = [r.to(latents.dtype) for r in residuals] + [zero] * (skips - len(residuals))
+    return unet(latents, timestep, encoder_hidden_states=prompt_embeds.to(latents.dtype), down_block_additional_residuals=padded,
+                mid_block_additional_residual=zero).sample

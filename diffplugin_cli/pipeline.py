@@ -14,6 +14,7 @@ from diffusers import UniPCMultistepScheduler
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from .models import predict_noise
 from .loading import BaseModels, load_base_models, resolve_device, resolve_dtype
 from .plugins import TaskPlugin
 from .sizing import resize_for_rule
@@ -31,7 +32,6 @@ class DiffPluginPipeline:
         self.base = base
         self.device, self.dtype = base.device, base.dtype
         self.image_processor = VaeImageProcessor(vae_scale_factor=base.vae_scale_factor, do_convert_rgb=True, do_normalize=True)
-        self._unet_skip_count = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in base.unet.down_blocks)
         self._placed: set[int] = set()
         self.decode_retried = False  # whether the last call had to redo a half-precision decode in fp32
 
@@ -112,21 +112,12 @@ class DiffPluginPipeline:
         scheduler = UniPCMultistepScheduler.from_config(self.base.scheduler_config, final_sigmas_type="sigma_min")
         scheduler.set_timesteps(steps, device=self.device)
         noise = initial_noise(seeds, cond_latents.shape[1:]).to(self.device, self.dtype)
-        # A zero mid-block residual keeps diffusers on the ControlNet path (REFERENCE.md, "Trap").
-        zero = torch.zeros(1, device=self.device, dtype=self.dtype)
         latents = noise
         for step, t in enumerate(scheduler.timesteps):
             if plugin.init == "input" and t >= TIME_THRESHOLD:
                 latents = scheduler.add_noise(cond_latents, noise, t.reshape(1))
             residuals = plugin.scb(t, prompt_embeds, cond_latents)
-            down_residuals = residuals + [zero] * (self._unet_skip_count - len(residuals))
-            noise_pred = self.base.unet(
-                latents,
-                t,
-                encoder_hidden_states=prompt_embeds,
-                down_block_additional_residuals=down_residuals,
-                mid_block_additional_residual=zero,
-            ).sample
+            noise_pred = predict_noise(self.base.unet, latents, t, prompt_embeds, residuals)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
             if callback:
                 callback(step=step, timestep=int(t), latents=latents, noise_pred=noise_pred, residuals=residuals)

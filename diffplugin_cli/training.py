@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import DiffPluginError
-from .models import SpatialComplementBranch, TaskPromptBranch
+from .models import SpatialComplementBranch, TaskPromptBranch, predict_noise
 from .plugins import PluginWeights, TaskPlugin, write_plugin
 from .training_data import Pair, check_pairs, step_batch
 
@@ -120,11 +120,7 @@ def plugin_loss(base, tpb, scb, batch: dict, noise_scheduler, clip_mean: torch.T
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     # The trained branches stay in fp32 and read fp32; the frozen UNet reads its own dtype.
     prompt = tpb(tuple(h.float() for h in hidden))
-    residuals = [r.to(dtype) for r in scb(timesteps, prompt, cond_latents.float())]
-    zero = torch.zeros(1, device=device, dtype=dtype)
-    skips = 1 + sum(len(b.resnets) + (1 if b.downsamplers else 0) for b in base.unet.down_blocks)
-    prediction = base.unet(noisy, timesteps, encoder_hidden_states=prompt.to(dtype), down_block_additional_residuals=residuals + [zero] * (skips - len(residuals)),
-                           mid_block_additional_residual=zero).sample
+    prediction = predict_noise(base.unet, noisy, timesteps, prompt, scb(timesteps, prompt, cond_latents.float()))
     return F.mse_loss(prediction.float(), noise.float())
 
 
