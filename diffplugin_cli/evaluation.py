@@ -28,7 +28,7 @@ from torch import nn
 
 from . import __version__
 from .errors import DiffPluginError
-from .images import looks_like_image
+from .images import images_by_name
 
 DISTRIBUTION_METRICS = ("fid", "kid", "clip-fid", "clip-kid")
 PAIR_METRICS = ("psnr", "ssim", "lpips")
@@ -68,50 +68,46 @@ class ClipFeatures(nn.Module):
         return self.model(pixel_values=pixels).pooler_output
 
 
-def list_images(folder: str | Path) -> dict[str, Path]:
-    """Images under `folder` by relative path without extension (how outputs pair with references)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DiffPluginError(f"{folder}: no such folder")
-    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.name.startswith(".") and looks_like_image(p)}
-
-
 def as_tensor(path: Path) -> torch.Tensor:
     """[1, 3, H, W] float in [0, 1], any mode made RGB."""
     array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
 
-def distribution_metric(name: str, outputs: Sequence[Path], reference: Sequence[Path], feature_model: str | None = None) -> tuple[float, str]:
-    """FID or KID (x100) between two image sets; returns (value, feature network used)."""
+def distribution_metrics(names: Sequence[str], outputs: Sequence[Path], reference: Sequence[Path], feature_model: str | None = None) -> dict[str, tuple[float, str]]:
+    """FID and KID (x100) between two image sets: {name: (value, feature network used)}.
+
+    Metrics sharing a feature network share one model load and one pass over the images.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
     if len(outputs) < 2 or len(reference) < 2:
-        raise DiffPluginError(f"{name} needs at least 2 images in each set (got {len(outputs)} outputs and {len(reference)} references)")
-    network = feature_model or (DEFAULT_CLIP if name.startswith("clip") else "inception")
-    feature = 2048 if network == "inception" else ClipFeatures(network)
-    kind = name.removeprefix("clip-")
-    try:
-        if kind == "fid":
-            metric = FrechetInceptionDistance(feature=feature, normalize=True)
-        else:
-            size = min(len(outputs), len(reference), 1000)
-            metric = KernelInceptionDistance(feature=feature, normalize=True, subsets=100, subset_size=size)
-    except (ModuleNotFoundError, RuntimeError, OSError) as exc:
-        raise DiffPluginError(f"{name}: the Inception network is not available ({str(exc).splitlines()[0]}); "
-                              "install torch-fidelity with its weights, or pass --feature-model /path/to/local/clip") from None
-    for paths, real in ((reference, True), (outputs, False)):
-        for path in paths:
-            image = as_tensor(path)
-            if network == "inception":
-                image = F.interpolate(image, size=(299, 299), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-            metric.update(image, real=real)
-    value = metric.compute()
-    if kind == "kid":
-        return float(value[0]) * 100, network
-    return float(value), network
+        raise DiffPluginError(f"{', '.join(names)} need(s) at least 2 images in each set (got {len(outputs)} outputs and {len(reference)} references)")
+    by_network: dict[str, list[str]] = {}
+    for name in names:
+        by_network.setdefault(feature_model or (DEFAULT_CLIP if name.startswith("clip") else "inception"), []).append(name)
+    results = {}
+    for network, group in by_network.items():
+        feature = 2048 if network == "inception" else ClipFeatures(network)
+        try:
+            metrics = {name: FrechetInceptionDistance(feature=feature, normalize=True) if name.endswith("fid") else
+                       KernelInceptionDistance(feature=feature, normalize=True, subsets=100, subset_size=min(len(outputs), len(reference), 1000))
+                       for name in group}
+        except (ModuleNotFoundError, RuntimeError, OSError) as exc:
+            raise DiffPluginError(f"{', '.join(group)}: the Inception network is not available ({str(exc).splitlines()[0]}); "
+                                  "install torch-fidelity with its weights, or pass --feature-model /path/to/local/clip") from None
+        for paths, real in ((reference, True), (outputs, False)):
+            for path in paths:
+                image = as_tensor(path)
+                if network == "inception":
+                    image = F.interpolate(image, size=(299, 299), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+                for metric in metrics.values():
+                    metric.update(image, real=real)
+        for name, metric in metrics.items():
+            value = metric.compute()
+            results[name] = (float(value[0]) * 100 if name.endswith("kid") else float(value), network)
+    return results
 
 
 @dataclass
@@ -165,12 +161,14 @@ def evaluate_folder(outputs_dir: str | Path, reference_dir: str | Path | None, m
         raise DiffPluginError(f"--metric {', '.join(unknown)}: expected some of {', '.join(METRICS)}")
     if reference_dir is None:
         raise DiffPluginError("these metrics compare against references: give --reference DIR")
-    outputs, reference = list_images(outputs_dir), list_images(reference_dir)
+    outputs, reference = images_by_name(outputs_dir), images_by_name(reference_dir)
     report = {"outputs": str(outputs_dir), "reference": str(reference_dir), "counts": {"outputs": len(outputs), "reference": len(reference)},
               "metrics": {}, "feature_model": {}, "ssim_on": ssim_on, "version": __version__,
               "resize_policy": "features: short side to the network's input size (bicubic, antialiased), centre crop; pairs: output resized to its reference's size (bicubic)"}
-    for name in (m for m in metrics if m in DISTRIBUTION_METRICS):
-        report["metrics"][name], report["feature_model"][name] = distribution_metric(name, list(outputs.values()), list(reference.values()), feature_model)
+    distribution = [m for m in metrics if m in DISTRIBUTION_METRICS]
+    if distribution:
+        for name, (value, network) in distribution_metrics(distribution, list(outputs.values()), list(reference.values()), feature_model).items():
+            report["metrics"][name], report["feature_model"][name] = value, network
     pair_names = [m for m in metrics if m in PAIR_METRICS]
     if pair_names:
         scores = pair_metrics(pair_names, outputs, reference, ssim_on)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .atomic import atomic_path
-from .errors import ImageError
+from .errors import DiffPluginError, ImageError
 
 DEFAULT_MAX_PIXELS = 80_000_000
 IMAGE_EXTENSIONS = {
@@ -52,6 +52,16 @@ def looks_like_image(path: Path) -> bool:
             return True
     except Exception:
         return False
+
+
+def images_by_name(folder: str | os.PathLike) -> dict[str, Path]:
+    """Images under `folder` (recursive, hidden files skipped) keyed by relative path without
+    extension: how outputs pair with references, and inputs with ground truths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DiffPluginError(f"{folder}: no such folder")
+    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and looks_like_image(p)}
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
-from .errors import DiffPluginError
+from .errors import DiffPluginError, ImageError
 from .registry import Registry, discover_plugins, find_plugin, plugin_search_path
 from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, save_text_heads
 from .selector_eval import evaluate, read_cases
@@ -50,7 +50,6 @@ def open_selector(request: SelectRequest, image: str | os.PathLike | None = None
     if not installed:
         raise DiffPluginError("--selector reference scores installed plugins; give --plugin-dir or set DIFFPLUGIN_PLUGIN_PATH")
     from .images import load_image
-    from .errors import ImageError
     from .pipeline import DiffPluginPipeline
     from .plugins import load_plugin
 

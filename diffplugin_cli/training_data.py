@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from .errors import DiffPluginError
-from .images import looks_like_image
+from .images import images_by_name
 
 DEGRADATIONS = ("lowlight", "blur", "noise", "jpeg")
 
@@ -83,15 +83,12 @@ def _pairs_from_csv(path: Path, root: Path, degrade: str | None) -> list[Pair]:
 
 
 def _pairs_from_folders(inputs: Path | None, targets: Path, degrade: str | None) -> list[Pair]:
-    def index(folder: Path) -> dict[str, Path]:
-        return {p.relative_to(folder).with_suffix("").as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file() and looks_like_image(p)}
-
-    wanted = index(targets)
+    wanted = images_by_name(targets)
     if degrade or inputs is None:
         if not degrade:
             raise DiffPluginError("--targets without --inputs needs --degrade KIND to synthesise the inputs")
         return [Pair(None, path) for path in wanted.values()]
-    have = index(inputs)
+    have = images_by_name(inputs)
     unmatched = sorted(set(wanted) ^ set(have))
     if unmatched:
         raise DiffPluginError(f"{len(unmatched)} file(s) have no partner in the other folder, e.g. {', '.join(unmatched[:3])}")
