@@ -53,11 +53,13 @@ class DiffPluginPipeline:
         size_rule: str = "square",
         resolution: int = 512,
         callback: StepCallback | None = None,
+        hidden_states: tuple[torch.Tensor, ...] | None = None,
     ) -> list[Image.Image]:
         """Run `plugins` in order on RGB `images` (one seed each); returns images at the processed size.
 
         Every image of a batch must come out of the size rule at the same size. `callback`, if
         given, is called after every step with stage, step, timestep, latents, noise_pred and residuals.
+        `hidden_states`: the images' `clip_hidden_states`, when the caller already has them.
         """
         if len(seeds) != len(images):
             raise ValueError("one seed per image is required")
@@ -67,7 +69,8 @@ class DiffPluginPipeline:
         self.decode_retried = False
         if not plugins:
             return current
-        hidden_states = self.clip_hidden_states(images)
+        if hidden_states is None:
+            hidden_states = self.clip_hidden_states(images)
         for stage, plugin in enumerate(plugins):
             prompt_embeds = self.visual_prompt(plugin, hidden_states)
             cond_latents = self.encode_condition(current)

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import torch
 from PIL import Image
 
 from . import __version__
@@ -235,14 +236,24 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+@dataclass
+class Choice:
+    """The plugins for one image, the selection behind them, and the image's CLIP hidden states
+    if choosing computed them (the pipeline reuses them instead of running CLIP again)."""
+
+    plugins: list[TaskPlugin]
+    selection: Selection | None = None
+    clip_hidden: tuple[torch.Tensor, ...] | None = None
+
+
 class PluginChooser:
     """Decides which plugins restore an image: fixed (--task, text selector) or per image (reference)."""
 
     def __init__(self, plugins: list[TaskPlugin], selection: Selection | None = None):
         self.plugins, self.selection = plugins, selection
 
-    def choose(self, image: LoadedImage, pipeline: Callable[[], DiffPluginPipeline]) -> tuple[list[TaskPlugin], Selection | None]:
-        return self.plugins, self.selection
+    def choose(self, image: LoadedImage, pipeline: Callable[[], DiffPluginPipeline]) -> Choice:
+        return Choice(self.plugins, self.selection)
 
 
 class ReferenceChooser(PluginChooser):
@@ -258,7 +269,7 @@ class ReferenceChooser(PluginChooser):
         prompts = {plugin.name: pipe.visual_prompt(plugin, hidden) for plugin in self.plugins}
         selection = self.selector.select(self.options.instruction, prompts, self.options.threshold, self.order)
         by_name = {plugin.name: plugin for plugin in self.plugins}
-        return [by_name[name] for name in selection.selected], selection
+        return Choice([by_name[name] for name in selection.selected], selection, hidden)
 
 
 def make_chooser(options: RunOptions, registry: Registry, base_model: str) -> PluginChooser:
@@ -392,6 +403,7 @@ class _Pending:
     size: tuple[int, int]
     plugins: list[TaskPlugin]
     selection: Selection | None
+    clip_hidden: tuple[torch.Tensor, ...] | None
 
 
 def _pending_images(items, chooser, get_pipeline, options, base_ids, summary, reporter) -> Iterator[_Pending]:
@@ -404,7 +416,8 @@ def _pending_images(items, chooser, get_pipeline, options, base_ids, summary, re
             _fail(summary, reporter, str(item.source), str(image))
             reporter.advance()
             continue
-        plugins, selection = chooser.choose(image, get_pipeline)
+        choice = chooser.choose(image, get_pipeline)
+        plugins = choice.plugins
         if not plugins:
             summary.no_match += 1
             reporter.advance()
@@ -415,7 +428,7 @@ def _pending_images(items, chooser, get_pipeline, options, base_ids, summary, re
             reporter.advance()
             continue
         size = processed_size(*image.size, options.size_rule, options.resolution)
-        yield _Pending(item, image, request, size, plugins, selection)
+        yield _Pending(item, image, request, size, plugins, choice.selection, choice.clip_hidden)
 
 
 def _prefetched(items: Sequence[WorkItem], max_pixels: int, depth: int) -> Iterator[tuple[WorkItem, LoadedImage | ImageError]]:
@@ -476,6 +489,7 @@ def _process_batch(batch, pipeline, options, base_ids, summary, reporter, guard)
             chain_steps=options.chain_steps,
             size_rule=options.size_rule,
             resolution=options.resolution,
+            hidden_states=_batched_hidden_states(batch),
         )
     except (RuntimeError, ValueError) as exc:
         for entry in batch:
@@ -499,6 +513,13 @@ def _process_batch(batch, pipeline, options, base_ids, summary, reporter, guard)
                 summary.processed += 1
                 summary.outputs.append(str(entry.item.output))
             reporter.advance()
+
+
+def _batched_hidden_states(batch: list[_Pending]) -> tuple[torch.Tensor, ...] | None:
+    """The batch's CLIP hidden states if the chooser computed every image's, else None."""
+    if any(entry.clip_hidden is None for entry in batch):
+        return None
+    return tuple(torch.cat(layer) for layer in zip(*(entry.clip_hidden for entry in batch)))
 
 
 def _sidecar(entry: _Pending, output: Image.Image, processed: tuple[int, int], pipeline, options, base_ids, seconds) -> dict:

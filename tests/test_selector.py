@@ -231,12 +231,27 @@ def test_run_with_nothing_to_do_reports_no_match(tmp_path):
     assert both.exit_code == 2
 
 
-def test_run_with_reference_selector_selects_per_image(tmp_path, pipeline):
-    _images(tmp_path / "in", 1)
-    summary = run([str(tmp_path / "in")], _options(tmp_path / "out", instruction="remove snow", selector="reference", selector_heads=HEADS), pipeline=pipeline)
-    assert summary.processed == 1
-    sidecar = json.loads((tmp_path / "out/img0.json").read_text())
-    assert sidecar["selector"]["selector"] == "reference" and sidecar["selector"]["selected"] == [p["name"] for p in sidecar["plugins"]]
+def test_run_with_reference_selector_selects_per_image(tmp_path, pipeline, plugins):
+    """Selection and restoration share one CLIP pass per image, and the output is what the
+    pipeline gives for the selected plugins on its own."""
+    _images(tmp_path / "in", 2)
+    clip_calls = []
+    hook = pipeline.base.clip_vision.register_forward_hook(lambda module, args, output: clip_calls.append(args[0].shape[0]))
+    try:
+        summary = run([str(tmp_path / "in")], _options(tmp_path / "out", instruction="remove snow", selector="reference", selector_heads=HEADS,
+                                                        batch_size=2), pipeline=pipeline)
+    finally:
+        hook.remove()
+    assert summary.processed == 2
+    assert clip_calls == [1, 1]
+    sidecars = [json.loads((tmp_path / f"out/img{i}.json").read_text()) for i in range(2)]
+    assert sidecars[0]["selector"]["selector"] == "reference" and sidecars[0]["selector"]["selected"] == [p["name"] for p in sidecars[0]["plugins"]]
+    selected = sidecars[0]["selector"]["selected"]
+    assert selected and sidecars[1]["selector"]["selected"] == selected  # so both went through one batch
+    images = [Image.open(tmp_path / f"in/img{i}.png").convert("RGB") for i in range(2)]
+    alone = pipeline(images, [plugins[name] for name in selected], [s["seed"] for s in sidecars], steps=2, resolution=64)
+    for i, expected in enumerate(alone):  # run's default --keep-size resizes back
+        assert np.array_equal(np.asarray(expected.resize(images[i].size, Image.LANCZOS)), np.asarray(Image.open(tmp_path / f"out/img{i}.png")))
 
 
 @pytest.mark.slow
