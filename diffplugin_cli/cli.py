@@ -231,8 +231,8 @@ def train_plugin(
 @train_app.command("selector")
 def train_selector(
     out: Path = typer.Option(..., "--out", help="Where to write the heads (.safetensors)."),
-    corpus: Optional[Path] = typer.Option(None, help="Corpus folder (<task>.txt, none.txt, negation.txt, inverse.txt, objects.toml) [default: the shipped one]."),
-    steps: int = typer.Option(600, help="Optimisation steps."),
+    corpus: Optional[Path] = typer.Option(None, help="Corpus folder (<task>.txt, none.txt, negation.txt, inverse.txt, objects.toml, vocabulary.toml) [default: the shipped one]."),
+    steps: int = typer.Option(1500, help="Optimisation steps."),
     negatives: int = typer.Option(7, help="Negative texts per anchor in the contrastive loss (the paper's N)."),
     temperature: float = typer.Option(0.07, help="Temperature tau of the contrastive loss."),
     batch_size: int = typer.Option(32, help="Anchors per step."),

@@ -46,7 +46,8 @@ def packaged_corpus() -> Path:
 def load_corpus(folder: str | Path | None = None, tasks: Sequence[str] | None = None, variants: int = 4, seed: int = 0) -> LabelledTexts:
     """Clause-level training texts: `<task>.txt` (one phrasing a line), and, all labelled null,
     `none.txt` (out-of-scope requests) and `negation.txt`/`inverse.txt` templates x `objects.toml`
-    ("keep the snow", "add fog"). Each phrasing gets `variants` random prefix/suffix variants."""
+    ("keep the snow", "add fog"). Each of those phrasings gets `variants` random prefix/suffix
+    variants. Then the compositional phrasings of `vocabulary.toml`, as they are."""
     folder = Path(folder) if folder else packaged_corpus()
     rng = random.Random(seed)
     tasks = list(tasks) if tasks else sorted(p.stem for p in folder.glob("*.txt") if p.stem not in TEMPLATE_FILES)
@@ -68,7 +69,34 @@ def load_corpus(folder: str | Path | None = None, tasks: Sequence[str] | None = 
         for task in tasks:
             for word in objects.get(task, ()):
                 add(template.format(obj=word), NULL_KEY)
+    if (folder / "vocabulary.toml").is_file():
+        vocabulary = tomllib.loads((folder / "vocabulary.toml").read_text(encoding="utf-8"))
+        for text, label in compose_vocabulary(vocabulary, tasks, rng):
+            corpus.texts.append(text)
+            corpus.labels.append(label)
     return corpus
+
+
+def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], rng: random.Random) -> list[tuple[str, str]]:
+    """`vocabulary.toml` filled into its templates: every verb with every word of a task (one random
+    template each), a few random templates per noun and adjective, and the null inverse edits."""
+    templates, verbs = vocabulary["templates"], vocabulary["verbs"]
+    pairs: list[tuple[str, str]] = []
+    for task in tasks:
+        words = vocabulary.get("tasks", {}).get(task)
+        if not words:
+            continue
+        for verb in verbs[words["verbs"]]:
+            for noun in words["nouns"]:
+                pairs.append((rng.choice(templates["act"]).format(verb=verb, noun=noun), task))
+        for noun in words["nouns"] if words["verbs"] == "remove" else ():
+            pairs += [(template.format(noun=noun), task) for template in rng.sample(templates["describe"], 3)]
+        for kind, count in (("bad", 3), ("good", 2)):
+            for adjective in words.get(kind, ()):
+                pairs += [(template.format(adj=adjective), task) for template in rng.sample(templates[kind], count)]
+    for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
+        pairs += [(template.format(adj=adjective), NULL_KEY) for template in templates["inverse"]]
+    return pairs
 
 
 def _lines(path: Path) -> list[str]:
@@ -79,7 +107,7 @@ def _lines(path: Path) -> list[str]:
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 32
     negatives: int = 7
     temperature: float = 0.07
