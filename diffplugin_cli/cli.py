@@ -82,6 +82,10 @@ def run(
     selector: str = typer.Option("text", help="With -i: text (instruction only, offline) or reference (the authors' selector, per image)."),
     threshold: float = typer.Option(0.0, help="With -i: a plugin is selected when its score is above this."),
     selector_heads: Optional[Path] = typer.Option(None, help="With -i: selector heads (reference: the authors' PromptTunner.pt; text: default the shipped ones)."),
+    tile_size: Optional[int] = typer.Option(None, help="With --size-rule native: latent tile size in pixels, a multiple of 64 [default: from free memory]."),
+    offload: Optional[str] = typer.Option(None, help="Keep weights in CPU memory and move them to the GPU when used: model (per model) or sequential (per layer, least memory, slowest)."),
+    compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet (dynamic shapes; the first batch pays the compile time)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels-last memory format for the UNet and VAE (faster on recent GPUs)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as one JSON object on stdout."),
 ) -> None:
@@ -95,6 +99,10 @@ def run(
         _fail(f"--ext {ext!r}: expected png, jpg, webp or same")
     if size_rule not in SIZE_RULES:
         _fail(f"--size-rule {size_rule!r}: expected one of {', '.join(SIZE_RULES)}")
+    if tile_size is not None and (tile_size < 64 or tile_size % 64):
+        _fail(f"--tile-size {tile_size}: expected a multiple of 64 pixels")
+    if offload not in (None, "model", "sequential"):
+        _fail(f"--offload {offload!r}: expected model or sequential")
     options = RunOptions(
         output_dir=output,
         tasks=[name.strip() for name in (task or "").split(",") if name.strip()],
@@ -120,6 +128,10 @@ def run(
         selector=selector,
         threshold=threshold,
         selector_heads=selector_heads,
+        tile_size=tile_size,
+        offload=offload,
+        compile=compile_unet,
+        channels_last=channels_last,
     )
     reporter = RichReporter(show_progress=not quiet and stderr.is_terminal)
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,6 +11,7 @@ import torch
 from .errors import DiffPluginError, ModelNotFoundError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OFFLOAD_MODES = ("model", "sequential")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -52,6 +53,8 @@ class BaseModels:
     clip_model: str
     device: torch.device
     dtype: torch.dtype
+    # accelerate's hooks when models are offloaded per model ("model" mode), by attribute name
+    offload_hooks: dict = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -59,13 +62,17 @@ class BaseModels:
 
 
 def load_base_models(
-    base_model: str, clip_model: str, device: torch.device, dtype: torch.dtype, base_revision: str | None = None, clip_revision: str | None = None
+    base_model: str, clip_model: str, device: torch.device, dtype: torch.dtype, base_revision: str | None = None, clip_revision: str | None = None,
+    offload: str | None = None,
 ) -> BaseModels:
     """Load VAE, UNet and scheduler config from `base_model` and CLIP vision from `clip_model`.
 
     Each may be a hub id (taken from the Hugging Face cache when offline, at the pinned revision
-    if given) or a local folder.
+    if given) or a local folder. `offload` keeps the weights in CPU memory and moves them to
+    `device` when used: per model ("model") or per layer ("sequential", least memory, slowest).
     """
+    if offload not in (None, *OFFLOAD_MODES):
+        raise DiffPluginError(f"--offload {offload!r}: expected model or sequential")
     pin = {"revision": base_revision} if base_revision else {}
     clip_pin = {"revision": clip_revision} if clip_revision else {}
     from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepScheduler
@@ -77,8 +84,8 @@ def load_base_models(
     scheduler_config = load_component(UniPCMultistepScheduler, base_model, "--base-model", subfolder="scheduler", **pin).config
     clip_vision = load_component(CLIPVisionModel, clip_model, "--clip-model", dtype=dtype, **clip_pin)
     for model in (vae, unet, clip_vision):
-        model.to(device).eval().requires_grad_(False)
-    return BaseModels(
+        model.to("cpu" if offload else device).eval().requires_grad_(False)
+    base = BaseModels(
         vae=vae,
         unet=unet,
         clip_vision=clip_vision,
@@ -90,6 +97,39 @@ def load_base_models(
         device=device,
         dtype=dtype,
     )
+    if offload:
+        apply_offload(base, offload)
+    return base
+
+
+def apply_offload(base: BaseModels, mode: str) -> None:
+    """accelerate's CPU offloading, as diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload.
+
+    "model": CLIP -> VAE -> UNet, each moved to the device when called and back when the next
+    one is; the pipeline sends the UNet back before decoding. "sequential": every layer's weights
+    move to the device only for its own forward.
+    """
+    from accelerate import cpu_offload, cpu_offload_with_hook
+
+    if mode == "sequential":
+        for model in (base.clip_vision, base.vae, base.unet):
+            cpu_offload(model, base.device, offload_buffers=len(model._parameters) > 0)
+        return
+    hook = None
+    for name in ("clip_vision", "vae", "unet"):
+        _, hook = cpu_offload_with_hook(getattr(base, name), base.device, prev_module_hook=hook)
+        base.offload_hooks[name] = hook
+
+
+def speed_up(base: BaseModels, compile_unet: bool = False, channels_last: bool = False) -> None:
+    """Opt-in speed-ups. channels-last memory format for the UNet and VAE convolutions (helps on
+    recent NVIDIA GPUs); torch.compile of the UNet, which does the bulk of the work, with dynamic
+    shapes so that new image sizes and batch sizes do not each compile again."""
+    if channels_last:
+        for model in (base.unet, base.vae):
+            model.to(memory_format=torch.channels_last)
+    if compile_unet:
+        base.unet.compile(dynamic=True)
 
 
 def load_component(cls, source: str, flag: str, subfolder: str | None = None, **kwargs):

@@ -7,6 +7,7 @@ connections; VAE decode. Several plugins run one after another, each on the prev
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -15,9 +16,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from .models import predict_noise
-from .loading import BaseModels, load_base_models, resolve_device, resolve_dtype
+from .loading import BaseModels, load_base_models, resolve_device, resolve_dtype, speed_up
 from .plugins import TaskPlugin
 from .sizing import resize_for_rule
+from .tiling import LatentTiling, choose_tile, vae_tiling
 
 # The authors reset the latent to the noised input for every timestep at or above this.
 TIME_THRESHOLD = 960
@@ -34,13 +36,18 @@ class DiffPluginPipeline:
         self.image_processor = VaeImageProcessor(vae_scale_factor=base.vae_scale_factor, do_convert_rgb=True, do_normalize=True)
         self._placed: set[int] = set()
         self.decode_retried = False  # whether the last call had to redo a half-precision decode in fp32
+        self.last_tiling: dict | None = None  # how the last call tiled a native-size batch, if it did
 
     @classmethod
     def from_pretrained(
-        cls, base_model: str, clip_model: str, device: str = "auto", dtype: str = "auto", base_revision: str | None = None, clip_revision: str | None = None
+        cls, base_model: str, clip_model: str, device: str = "auto", dtype: str = "auto", base_revision: str | None = None, clip_revision: str | None = None,
+        *, offload: str | None = None, compile_unet: bool = False, channels_last: bool = False,
     ) -> "DiffPluginPipeline":
+        """Load the shared models; the keywords are the opt-in memory and speed settings (see loading.py)."""
         dev = resolve_device(device)
-        return cls(load_base_models(base_model, clip_model, dev, resolve_dtype(dtype, dev), base_revision, clip_revision))
+        base = load_base_models(base_model, clip_model, dev, resolve_dtype(dtype, dev), base_revision, clip_revision, offload)
+        speed_up(base, compile_unet, channels_last)
+        return cls(base)
 
     @torch.no_grad()
     def __call__(
@@ -54,12 +61,15 @@ class DiffPluginPipeline:
         resolution: int = 512,
         callback: StepCallback | None = None,
         hidden_states: tuple[torch.Tensor, ...] | None = None,
+        tile_size: int | None = None,
     ) -> list[Image.Image]:
         """Run `plugins` in order on RGB `images` (one seed each); returns images at the processed size.
 
         Every image of a batch must come out of the size rule at the same size. `callback`, if
         given, is called after every step with stage, step, timestep, latents, noise_pred and residuals.
         `hidden_states`: the images' `clip_hidden_states`, when the caller already has them.
+        With size_rule "native", latents larger than a tile are denoised in overlapping tiles and
+        the VAE tiles too; `tile_size` (pixels, a multiple of 64) or else free memory sets the tile.
         """
         if len(seeds) != len(images):
             raise ValueError("one seed per image is required")
@@ -67,17 +77,34 @@ class DiffPluginPipeline:
         if len({image.size for image in current}) > 1:
             raise ValueError("all images of a batch must have the same processed size")
         self.decode_retried = False
+        self.last_tiling = None
         if not plugins:
             return current
         if hidden_states is None:
             hidden_states = self.clip_hidden_states(images)
-        for stage, plugin in enumerate(plugins):
-            prompt_embeds = self.visual_prompt(plugin, hidden_states)
-            cond_latents = self.encode_condition(current)
-            stage_callback = (lambda *a, _s=stage, **kw: callback(_s, *a, **kw)) if callback else None
-            latents = self.denoise(plugin, prompt_embeds, cond_latents, seeds, steps if stage == 0 else chain_steps, stage_callback)
-            current = self.decode(latents)
+        tiling = self._tiling(current[0].size, len(images), tile_size) if size_rule == "native" else None
+        with vae_tiling(self.base.vae, tiling.tile * self.base.vae_scale_factor) if tiling else contextlib.nullcontext():
+            for stage, plugin in enumerate(plugins):
+                prompt_embeds = self.visual_prompt(plugin, hidden_states)
+                cond_latents = self.encode_condition(current)
+                stage_callback = (lambda *a, _s=stage, **kw: callback(_s, *a, **kw)) if callback else None
+                latents = self.denoise(plugin, prompt_embeds, cond_latents, seeds, steps if stage == 0 else chain_steps, stage_callback, tiling)
+                current = self.decode(latents)
         return current
+
+    def _tiling(self, size: tuple[int, int], batch_size: int, tile_size: int | None) -> LatentTiling | None:
+        """Latent tiling for a native-size batch, or None when one tile holds the whole latent."""
+        scale = self.base.vae_scale_factor
+        if tile_size is not None and (tile_size < 64 or tile_size % 64):
+            raise ValueError(f"tile size must be a multiple of 64 pixels, got {tile_size}")
+        tile, free_mib = (tile_size // scale, None) if tile_size else choose_tile(self.device, self.dtype, batch_size)
+        tiling = LatentTiling(tile, tile // 4)
+        height, width = size[1] // scale, size[0] // scale
+        if tiling.covers(height, width):
+            return None
+        self.last_tiling = {"tile": tile * scale, "overlap": tiling.overlap * scale, "tiles": len(tiling.windows(height, width)),
+                            "tile_from": "--tile-size" if tile_size else "free memory", "free_memory_mib": free_mib, "vae_tiling": True}
+        return tiling
 
     @torch.no_grad()
     def clip_hidden_states(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, ...]:
@@ -109,6 +136,7 @@ class DiffPluginPipeline:
         seeds: Sequence[int],
         steps: int,
         callback: StepCallback | None = None,
+        tiling: LatentTiling | None = None,
     ) -> torch.Tensor:
         self._place(plugin)
         # Last step to sigma(t=0), as the authors' diffusers did; the current default ends at sigma 0.
@@ -119,15 +147,29 @@ class DiffPluginPipeline:
         for step, t in enumerate(scheduler.timesteps):
             if plugin.init == "input" and t >= TIME_THRESHOLD:
                 latents = scheduler.add_noise(cond_latents, noise, t.reshape(1))
-            residuals = plugin.scb(t, prompt_embeds, cond_latents)
-            noise_pred = predict_noise(self.base.unet, latents, t, prompt_embeds, residuals)
+            noise_pred, residuals = self._predict(plugin, latents, t, prompt_embeds, cond_latents, tiling)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
             if callback:
                 callback(step=step, timestep=int(t), latents=latents, noise_pred=noise_pred, residuals=residuals)
         return latents
 
+    def _predict(self, plugin, latents, t, prompt_embeds, cond_latents, tiling) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The step's noise prediction and SCB residuals; tiled, the residuals are per tile and not returned."""
+        if tiling is None:
+            residuals = plugin.scb(t, prompt_embeds, cond_latents)
+            return predict_noise(self.base.unet, latents, t, prompt_embeds, residuals), residuals
+
+        def predict_tile(window: tuple[slice, slice]) -> torch.Tensor:
+            rows, cols = window
+            residuals = plugin.scb(t, prompt_embeds, cond_latents[..., rows, cols])
+            return predict_noise(self.base.unet, latents[..., rows, cols], t, prompt_embeds, residuals)
+
+        return tiling.blend(predict_tile, latents), None
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        if "unet" in self.base.offload_hooks:  # model offload: the UNet leaves the device before the VAE needs it
+            self.base.offload_hooks["unet"].offload()
         decoded, retried = decode_latents(self.base.vae, latents)
         self.decode_retried = self.decode_retried or retried
         return self.image_processor.postprocess(decoded.float(), output_type="pil")

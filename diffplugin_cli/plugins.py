@@ -43,6 +43,18 @@ class PluginWeights:
     scb_state: dict[str, torch.Tensor]
     provenance: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def from_models(cls, tpb: TaskPromptBranch, scb: SpatialComplementBranch, provenance: dict[str, str]) -> "PluginWeights":
+        """Trained or freshly built branches as plain data, ready for `write_plugin`."""
+
+        def config(model) -> dict:
+            return {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
+
+        def state(model) -> dict[str, torch.Tensor]:
+            return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+        return cls(config(tpb), state(tpb), config(scb), state(scb), provenance)
+
 
 @dataclass
 class TaskPlugin:

@@ -68,6 +68,10 @@ class RunOptions:
     selector: str = "text"
     threshold: float = 0.0
     selector_heads: str | os.PathLike | None = None
+    tile_size: int | None = None
+    offload: str | None = None
+    compile: bool = False
+    channels_last: bool = False
 
 
 @dataclass
@@ -181,6 +185,7 @@ def request_of(item: WorkItem, input_sha256: str, plugins: Sequence[TaskPlugin],
         "size_rule": options.size_rule,
         "resolution": options.resolution,
         "keep_size": options.keep_size,
+        **({"tile_size": options.tile_size} if options.size_rule == "native" else {}),
         "dtype": options.dtype,
         "base_model": base[0],
         "clip_model": base[1],
@@ -341,7 +346,8 @@ def run(
         """Models load on first need: a run with nothing left to do loads none."""
         if not loaded:
             pins = (None if options.base_model else registry.base_revision, None if options.clip_model else registry.clip_revision)
-            loaded.append(pipeline_factory() if pipeline_factory else DiffPluginPipeline.from_pretrained(*base_ids, device, options.dtype, *pins))
+            loaded.append(pipeline_factory() if pipeline_factory else DiffPluginPipeline.from_pretrained(
+                *base_ids, device, options.dtype, *pins, offload=options.offload, compile_unet=options.compile, channels_last=options.channels_last))
         return loaded[0]
 
     reporter.start(summary.inputs)
@@ -490,6 +496,7 @@ def _process_batch(batch, pipeline, options, base_ids, summary, reporter, guard)
             size_rule=options.size_rule,
             resolution=options.resolution,
             hidden_states=_batched_hidden_states(batch),
+            tile_size=options.tile_size,
         )
     except (RuntimeError, ValueError) as exc:
         for entry in batch:
@@ -545,6 +552,7 @@ def _sidecar(entry: _Pending, output: Image.Image, processed: tuple[int, int], p
         "version": __version__,
         "seconds": round(seconds, 3),
         "vae_decode_fp32_retry": pipeline.decode_retried,
+        "tiling": pipeline.last_tiling,
         "peak_memory_mib": peak_memory_mib(pipeline.device),
         "request": request,
     }

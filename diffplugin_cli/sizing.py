@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-SIZE_RULES = ("square", "reference", "short-side")
+SIZE_RULES = ("square", "reference", "short-side", "native")
 
 
 def rule_size(width: int, height: int, rule: str, resolution: int = 512) -> tuple[int, int]:
@@ -14,9 +14,12 @@ def rule_size(width: int, height: int, rule: str, resolution: int = 512) -> tupl
     reference   the authors' infer.py: if a side is below `resolution`, the short side becomes
                 `resolution` and the long side int(resolution / short * long); else unchanged
     short-side  the authors' demo: the short side always becomes `resolution`
+    native      unchanged (large images are then processed in latent tiles, see tiling.py)
     """
     if rule == "square":
         return resolution, resolution
+    if rule == "native":
+        return width, height
     if rule == "reference" and width >= resolution and height >= resolution:
         return width, height
     if rule not in ("reference", "short-side"):

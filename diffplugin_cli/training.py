@@ -208,13 +208,7 @@ def export_plugin(tpb, scb, path: Path, options: TrainOptions, steps: int) -> Pa
         "steps": str(steps),
         "data_sha256": hashlib.sha256(listing.encode()).hexdigest(),
     }
-    weights = PluginWeights(_config(tpb), {k: v.detach().cpu() for k, v in tpb.state_dict().items()},
-                            _config(scb), {k: v.detach().cpu() for k, v in scb.state_dict().items()}, provenance)
-    return write_plugin(weights, path)
-
-
-def _config(model) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
+    return write_plugin(PluginWeights.from_models(tpb, scb, provenance), path)
 
 
 def _checkpoint(accelerator, out: Path, step: int) -> None:
