@@ -4,6 +4,10 @@ By default builds full-size Stable Diffusion 1.x and CLIP ViT-L/14 shapes with r
 (the speed of real weights is the same), or uses folders given with --base-model/--clip-model.
 
     python bench/bench_inference.py [--steps 20] [--resolution 512] [--threads N]
+    python bench/bench_inference.py --tile-memory 64    # one UNet + SCB step's activation memory
+
+--tile-memory SIDE measures, in this fresh process, how far resident memory rises during one
+UNet + SCB step on a SIDE x SIDE latent (sampled every 2 ms); tiling.py sizes tiles from it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import json
 import resource
 import sys
+import threading
 import time
 
 import torch
@@ -60,6 +65,34 @@ def timed(fn, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def tile_memory(side: int) -> dict:
+    """Peak rise of resident memory during one UNet + SCB step (fp32, batch 1) on a side x side latent."""
+    from diffplugin_cli.models import predict_noise
+
+    base, plugin = full_size_base(torch.device("cpu"), torch.float32), full_size_plugin()
+    latents, prompt, t = torch.randn(1, 4, side, side), torch.randn(1, 256, 768), torch.tensor(500)
+
+    def resident() -> int:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+
+    peak, done = [resident()], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident())
+            time.sleep(0.002)
+
+    before, sampler = resident(), threading.Thread(target=sample)
+    sampler.start()
+    with torch.no_grad():
+        predict_noise(base.unet, latents, t, prompt, plugin.scb(t, prompt, latents))
+    done.set()
+    sampler.join()
+    rise = peak[0] - before
+    return {"latent_side": side, "step_rss_rise_mib": rise / 2**20, "bytes_per_latent_position": rise / side**2}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -70,9 +103,13 @@ def main() -> None:
     parser.add_argument("--clip-model", help="use this CLIP vision folder instead of random shapes")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--tile-memory", type=int, metavar="SIDE", help="only measure one step's activation memory on a SIDE x SIDE latent")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tile_memory:
+        print(json.dumps(tile_memory(args.tile_memory)))
+        return
 
     from diffplugin_cli.loading import DTYPES, load_base_models
     from diffplugin_cli.models import predict_noise

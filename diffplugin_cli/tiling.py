@@ -18,8 +18,9 @@ import torch
 # Latent tile sides tried from the largest: 64 is SD 1.x's training size (512 px).
 TILE_CANDIDATES = (64, 48, 32)
 # Peak activation bytes of one UNet + SCB step per latent position, per image, at 4 bytes a value:
-# about 59-61 kB measured on full SD 1.x shapes on CPU at 64 and 96 latent positions a side
-# (`python bench/bench_inference.py --tile-memory SIDE`). choose_tile keeps a 2x margin.
+# 59 to 69 kB in four measurements on full SD 1.x shapes on CPU, at 64 and 96 latent positions a side
+# (`python bench/bench_inference.py --tile-memory SIDE`, one fresh process per side). choose_tile
+# keeps a 2x margin.
 ACTIVATION_BYTES_PER_LATENT_POSITION_FP32 = 64_000
 
 
