@@ -23,7 +23,7 @@ from .test_conformance import assert_image_close
 SELECTOR_CASES = MANIFEST["selector_cases"]
 HEADS = CONFORMANCE / "selector/PromptTunner.pt"
 HELDOUT = Path(__file__).parent / "data/selector_heldout.jsonl"
-HELDOUT_V2 = Path(__file__).parent / "data/selector_heldout_v2.jsonl"  # written later, never used to tune
+HELDOUT_V2 = Path(__file__).parent / "data/selector_heldout_v2.jsonl"  # written later; it only chose the training step count
 
 
 @pytest.fixture(scope="module")
