@@ -2,8 +2,10 @@
 
     python bench/bench_selector.py [--cases FILE.jsonl ...] [--heads FILE] [--train]
 
-By default it scores both held-out sets: tests/data/selector_heldout.jsonl (337 cases) and
-tests/data/selector_heldout_v2.jsonl (153 cases, written later and never used for tuning).
+By default it scores the three held-out sets: tests/data/selector_heldout.jsonl (337 cases),
+tests/data/selector_heldout_v2.jsonl (153 cases, written later; it chose the training step count)
+and tests/data/selector_heldout_v3.jsonl (200 cases, written before the token-level heads and
+never used to choose anything).
 
 Also reports how many held-out clauses appear word for word in the training corpus, and ZTA on
 the held-out cases none of whose clauses does, so that overlap cannot flatter the figures.
@@ -27,7 +29,7 @@ TARGETS = {"single": 0.99, "multi": 0.97, "single+unsupported": 0.90, "none": 0.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", action="append", help="held-out JSONL (repeatable; default: both shipped sets)")
+    parser.add_argument("--cases", action="append", help="held-out JSONL (repeatable; default: the three shipped sets)")
     parser.add_argument("--heads", help="heads file (default: the shipped ones)")
     parser.add_argument("--train", action="store_true", help="also time training the heads from scratch")
     args = parser.parse_args()
@@ -39,7 +41,7 @@ def main() -> None:
     selector.raw_scores("warm up")
     print(f"load_s: {load_s:.3f}")
     summary = {"load_s": round(load_s, 3)}
-    for path in args.cases or [str(DATA / "selector_heldout.jsonl"), str(DATA / "selector_heldout_v2.jsonl")]:
+    for path in args.cases or [str(DATA / f"selector_heldout{suffix}.jsonl") for suffix in ("", "_v2", "_v3")]:
         summary[Path(path).stem] = report_cases(path, selector, tasks)
     if args.train:
         from diffplugin_cli.selection import train_text_heads_file

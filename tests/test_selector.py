@@ -24,6 +24,7 @@ SELECTOR_CASES = MANIFEST["selector_cases"]
 HEADS = CONFORMANCE / "selector/PromptTunner.pt"
 HELDOUT = Path(__file__).parent / "data/selector_heldout.jsonl"
 HELDOUT_V2 = Path(__file__).parent / "data/selector_heldout_v2.jsonl"  # written later; it only chose the training step count
+HELDOUT_V3 = Path(__file__).parent / "data/selector_heldout_v3.jsonl"  # written before the token-level heads, never tuned on
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_training_on_a_small_corpus_raises_held_out_zta():
     assert after > before + 0.3, (before, after)
 
 
-@pytest.mark.parametrize("path, size", [(HELDOUT, 300), (HELDOUT_V2, 150)])
+@pytest.mark.parametrize("path, size", [(HELDOUT, 300), (HELDOUT_V2, 150), (HELDOUT_V3, 200)])
 def test_held_out_cases_are_not_training_texts(path, size):
     training = {text.lower() for text in load_corpus().texts}
     cases = read_cases(path)
