@@ -8,7 +8,9 @@ Resize policy: for features, each image's short side is resized (bicubic, antial
 network's input size and centre-cropped; for pairs, an output whose size differs from its
 reference is resized (bicubic) to the reference's size. Grayscale and other modes become RGB.
 KID is reported x100, as in the paper's tables; an infinite PSNR (identical images) is reported as null. SSIM is computed on the luma channel (Y of
-ITU-R BT.601) by default, or on RGB (`--ssim-on rgb`).
+ITU-R BT.601) by default, or on RGB (`--ssim-on rgb`): torchmetrics' SSIM map (11-tap Gaussian,
+sigma 1.5) averaged without the 5-pixel border the window cannot cover, as Wang et al.'s reference
+code and scikit-image do (torchmetrics' own mean includes a reflection-padded border).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .images import images_by_name
 
 DISTRIBUTION_METRICS = ("fid", "kid", "clip-fid", "clip-kid")
 PAIR_METRICS = ("psnr", "ssim", "lpips")
+SSIM_BORDER = 5  # half of torchmetrics' 11-tap window for sigma 1.5
 METRICS = DISTRIBUTION_METRICS + PAIR_METRICS
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
@@ -118,7 +121,7 @@ class PairScores:
 
 def pair_metrics(names: Sequence[str], outputs: dict[str, Path], reference: dict[str, Path], ssim_on: str = "y") -> PairScores:
     """PSNR (dB, on RGB in [0, 1]), SSIM and LPIPS per output/reference pair matched by name."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import peak_signal_noise_ratio
 
     lpips = _lpips() if "lpips" in names else None
     scores = PairScores(unmatched=sorted(set(outputs) ^ set(reference)))
@@ -132,11 +135,21 @@ def pair_metrics(names: Sequence[str], outputs: dict[str, Path], reference: dict
             row["psnr"] = float(peak_signal_noise_ratio(produced, target, data_range=1.0))
         if "ssim" in names:
             a, b = (_luma(produced), _luma(target)) if ssim_on == "y" else (produced, target)
-            row["ssim"] = float(structural_similarity_index_measure(a, b, data_range=1.0))
+            row["ssim"] = ssim_without_border(a, b)
         if lpips is not None:
             row["lpips"] = float(lpips(produced * 2 - 1, target * 2 - 1))
         scores.rows.append(row)
     return scores
+
+
+def ssim_without_border(produced: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean SSIM over the positions the 11x11 window covers without padding (all of a smaller image)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _, ssim_map = structural_similarity_index_measure(produced, target, data_range=1.0, return_full_image=True)
+    if min(ssim_map.shape[-2:]) > 2 * SSIM_BORDER:
+        ssim_map = ssim_map[..., SSIM_BORDER:-SSIM_BORDER, SSIM_BORDER:-SSIM_BORDER]
+    return float(ssim_map.mean())
 
 
 def _luma(images: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,26 @@ def test_psnr_and_ssim_on_fixed_images(tmp_path):
     assert (tmp_path / "pairs.csv").read_text().splitlines()[0] == "name,psnr,ssim"
 
 
+def test_psnr_and_ssim_agree_with_scikit_image(tmp_path):
+    skimage_metrics = pytest.importorskip("skimage.metrics")
+    clean = np.random.default_rng(4).integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    noisy = np.clip(clean.astype(int) + np.random.default_rng(5).integers(-30, 31, clean.shape), 0, 255).astype(np.uint8)
+    reference = _folder(tmp_path / "ref", {"a.png": Image.fromarray(clean)})
+    outputs = _folder(tmp_path / "out", {"a.png": Image.fromarray(noisy)})
+    a, b = clean / 255.0, noisy / 255.0
+    gaussian = {"data_range": 1.0, "gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False}
+    luma = np.array([0.299, 0.587, 0.114])
+    expected = {
+        "psnr": skimage_metrics.peak_signal_noise_ratio(a, b, data_range=1.0),
+        "ssim": skimage_metrics.structural_similarity(b @ luma, a @ luma, **gaussian),
+        "ssim_rgb": skimage_metrics.structural_similarity(b, a, channel_axis=2, **gaussian),
+    }
+    ours = evaluate_folder(outputs, reference, ["psnr", "ssim"])["metrics"]
+    ours["ssim_rgb"] = evaluate_folder(outputs, reference, ["ssim"], ssim_on="rgb")["metrics"]["ssim"]
+    for name, value in expected.items():
+        assert abs(ours[name] - value) <= 1e-5, (name, ours[name], value)
+
+
 def test_grayscale_sizes_and_unmatched_names(tmp_path):
     base = _noise(3, (32, 32))
     reference = _folder(tmp_path / "ref", {"a.png": base.convert("L"), "b.png": base, "only_ref.png": base})
