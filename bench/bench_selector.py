@@ -2,8 +2,8 @@
 
     python bench/bench_selector.py [--cases FILE.jsonl ...] [--heads FILE] [--train]
 
-By default it scores the three held-out sets: tests/data/selector_heldout.jsonl (337 cases),
-tests/data/selector_heldout_v2.jsonl (153 cases, written later; it chose the training step count)
+By default it scores the three held-out sets: tests/data/selector_heldout.jsonl (335 cases),
+tests/data/selector_heldout_v2.jsonl (152 cases, written later; it chose the training step count)
 and tests/data/selector_heldout_v3.jsonl (200 cases, written before the token-level heads and
 never used to choose anything).
 

@@ -243,20 +243,37 @@ def train_plugin(
 @train_app.command("selector")
 def train_selector(
     out: Path = typer.Option(..., "--out", help="Where to write the heads (.safetensors)."),
+    selector: str = typer.Option("text", help="text (our heads, no images needed) or reference (the authors' heads: needs --images and installed plugins)."),
+    images: Optional[Path] = typer.Option(None, help="Reference: folder of images whose plugin F^p are the pseudo-labelled keys."),
     corpus: Optional[Path] = typer.Option(None, help="Corpus folder (<task>.txt, none.txt, negation.txt, inverse.txt, objects.toml, vocabulary.toml) [default: the shipped one]."),
-    steps: int = typer.Option(1500, help="Optimisation steps."),
+    steps: int = typer.Option(800, help="Optimisation steps."),
     negatives: int = typer.Option(7, help="Negative texts per anchor in the contrastive loss (the paper's N)."),
     temperature: float = typer.Option(0.07, help="Temperature tau of the contrastive loss."),
     batch_size: int = typer.Option(32, help="Anchors per step."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate of the heads (text: pooling MLP and keys)."),
+    tuned_layers: int = typer.Option(1, help="Text: top layers of the sentence encoder fine-tuned as part of the heads (0: frozen encoder)."),
+    tuned_lr: float = typer.Option(5e-5, help="Text: AdamW learning rate of the fine-tuned encoder layers."),
     seed: int = typer.Option(0, help="Seed of sampling and initialisation."),
+    plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Reference: folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
+    base_model: Optional[str] = typer.Option(None, help="Reference: SD-1.x hub id or folder [default: registry]."),
+    clip_model: Optional[str] = typer.Option(None, help="Reference: CLIP vision hub id or folder [default: registry]."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
 ) -> None:
-    """Train the text selector's heads (the shipped ones come from the defaults)."""
-    from .selection import train_text_heads_file
+    """Train a selector's heads from scratch (the shipped text heads come from the defaults)."""
+    from .selection import SelectRequest, train_reference_heads_file, train_text_heads_file
 
+    settings = {"steps": steps, "negatives": negatives, "temperature": temperature, "batch_size": batch_size, "lr": lr, "seed": seed}
+    log = lambda step, loss: stderr.print(f"step {step}: loss {loss:.4f}")  # noqa: E731
     try:
-        written = train_text_heads_file(out, corpus, steps=steps, negatives=negatives, temperature=temperature, batch_size=batch_size, lr=lr, seed=seed,
-                                        log=lambda step, loss: stderr.print(f"step {step}: loss {loss:.4f}"))
+        if selector == "text":
+            written = train_text_heads_file(out, corpus, log=log, tuned_layers=tuned_layers, tuned_lr=tuned_lr, **settings)
+        elif selector == "reference":
+            if images is None:
+                raise DiffPluginError("--selector reference needs --images DIR (the plugins' F^p of those images are its keys)")
+            request = SelectRequest("reference", plugin_dirs=plugin_dir, base_model=base_model, clip_model=clip_model, registry=registry)
+            written = train_reference_heads_file(out, images, request, corpus, log=log, **settings)
+        else:
+            raise DiffPluginError(f"--selector {selector!r}: expected text or reference")
     except DiffPluginError as exc:
         _fail(str(exc))
     print(written)

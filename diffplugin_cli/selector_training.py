@@ -6,7 +6,10 @@ N negative texts of other labels, and minimises -log softmax(cos / tau)[positive
 label like the tasks: its texts are out-of-scope requests and negated clauses ("keep the snow"),
 which is what teaches "none" and mixed requests. A binary cross-entropy term on the scores
 against every label calibrates the decision at threshold 0 (Eq. 6 alone ranks, it does not place
-the zero). The sentence encoder is frozen, so texts are embedded once and training is cheap.
+the zero). Text selector: the sentence encoder is frozen below a fine-tuned copy of its top
+layer, so the frozen token states are computed once and each step runs one transformer layer over
+its texts. Reference selector: as the paper, only proj_v, proj_t and logit_scale learn; the base
+text encoder's pooled outputs and the plugins' F^p are computed once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .selector import NULL_KEY, SentenceEncoder, TextSelectorHeads
+from .selector import NULL_KEY, PromptTuner, SentenceEncoder, TextSelectorHeads, cosine_scores
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,6 +33,8 @@ else:  # pragma: no cover
 
 PREFIXES = ("", "please ", "can you ", "could you ", "i want to ", "i'd like to ", "help me ", "i need you to ")
 TEMPLATE_FILES = ("none", "negation", "inverse")
+LAYER_CONFIG_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps",
+                     "hidden_dropout_prob", "attention_probs_dropout_prob")  # what a copy of an encoder layer needs
 SUFFIXES = ("", " please", " in this photo", " from the image", " for me", " in the picture")
 
 
@@ -107,24 +112,27 @@ def _lines(path: Path) -> list[str]:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 32
     negatives: int = 7
     temperature: float = 0.07
     lr: float = 1e-3
+    tuned_layers: int = 1
+    tuned_lr: float = 5e-5
     weight_decay: float = 0.01
     calibration_weight: float = 1.0
     seed: int = 0
 
 
 def contrastive_step(
-    similarity: Callable[[list[int], torch.Tensor], torch.Tensor],
-    text_embeddings: torch.Tensor,
+    similarity: Callable[[list[int], list[int]], torch.Tensor],
     by_label: dict[int, list[int]],
     config: TrainConfig,
     rng: random.Random,
 ) -> torch.Tensor:
-    """Eq. 6 over one batch: anchors of random labels, 1 positive + N negatives each."""
+    """Eq. 6 over one batch: anchors of random labels, 1 positive + N negatives each.
+
+    `similarity(anchor_labels, text_indices)` gives cos(anchor key, text) [A, T]."""
     labels = list(by_label)
     anchors, candidates = [], []
     for _ in range(config.batch_size):
@@ -133,10 +141,61 @@ def contrastive_step(
         anchors.append(label)
         candidates.append([rng.choice(by_label[label])] + rng.sample(others, min(config.negatives, len(others))))
     width = min(len(c) for c in candidates)
-    texts = torch.tensor([c[:width] for c in candidates])  # [B, 1 + N]
-    cos = similarity(anchors, text_embeddings[texts.reshape(-1)]).reshape(len(anchors), len(anchors), width)
+    texts = [i for c in candidates for i in c[:width]]  # [B * (1 + N)]
+    cos = similarity(anchors, texts).reshape(len(anchors), len(anchors), width)
     own = cos[torch.arange(len(anchors)), torch.arange(len(anchors))]  # each anchor against its own texts
     return F.cross_entropy(own / config.temperature, torch.zeros(len(anchors), dtype=torch.long))
+
+
+class CachedStates:
+    """The frozen encoder's token states of every corpus text, computed once; batches are padded on demand."""
+
+    def __init__(self, encoder: SentenceEncoder, texts: Sequence[str], below_top: int, chunk: int = 256):
+        self.states: list[torch.Tensor] = []
+        for start in range(0, len(texts), chunk):
+            states, mask = encoder.token_states(texts[start:start + chunk], below_top)
+            self.states += [row[: int(length)].clone() for row, length in zip(states, mask.sum(1))]
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.states[i] for i in indices]
+        states = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(row), dtype=torch.long) for row in rows], batch_first=True)
+        return states, mask
+
+
+def selector_loss(
+    similarity: Callable[[list[int], list[int]], torch.Tensor],
+    scores: Callable[[list[int]], torch.Tensor],
+    by_label: dict[int, list[int]],
+    targets: torch.Tensor,
+    config: TrainConfig,
+    rng: random.Random,
+) -> torch.Tensor:
+    """Eq. 6 plus the calibration term: BCE of `scores(texts)` [T, labels] against each text's label,
+    on texts drawn label-balanced, so the large null class does not dominate."""
+    loss = contrastive_step(similarity, by_label, config, rng)
+    if config.calibration_weight:
+        texts = [rng.choice(by_label[rng.randrange(len(by_label))]) for _ in range(config.batch_size * 4)]
+        loss = loss + config.calibration_weight * F.binary_cross_entropy_with_logits(scores(texts), F.one_hot(targets[texts], len(by_label)).float())
+    return loss
+
+
+def optimise(groups: list[dict], step_loss: Callable[[], torch.Tensor], config: TrainConfig, log: Callable[[int, float], None] | None) -> None:
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    for step in range(1, config.steps + 1):
+        loss = step_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if log and (step % 50 == 0 or step == config.steps):
+            log(step, loss.item())
+
+
+def label_index(corpus: LabelledTexts, names: Sequence[str]) -> tuple[torch.Tensor, dict[int, list[int]]]:
+    """Each text's label index, and the texts of each label."""
+    index = {name: i for i, name in enumerate(names)}
+    targets = torch.tensor([index[label] for label in corpus.labels])
+    return targets, {i: (targets == i).nonzero().flatten().tolist() for i in range(len(names))}
 
 
 def train_text_selector(
@@ -145,32 +204,79 @@ def train_text_selector(
     config: TrainConfig = TrainConfig(),
     log: Callable[[int, float], None] | None = None,
 ) -> TextSelectorHeads:
-    """Train the text selector's heads from scratch on `corpus` (labels: tasks and null)."""
+    """Train the text selector's heads from scratch on `corpus` (labels: tasks and null).
+
+    The encoder's layers below the `tuned_layers` copies stay frozen, so their token states are
+    computed once; each step runs only the copies, pooling and MLP over the texts it samples."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     names = sorted(set(corpus.labels) - {NULL_KEY}) + [NULL_KEY]
-    index = {name: i for i, name in enumerate(names)}
-    embeddings = encoder(corpus.texts)
-    targets = torch.tensor([index[label] for label in corpus.labels])
-    by_label = {i: (targets == i).nonzero().flatten().tolist() for i in range(len(names))}
-    heads = TextSelectorHeads(labels=tuple(names), text_dim=embeddings.shape[1]).train()
+    cache = CachedStates(encoder, corpus.texts, config.tuned_layers)
+    targets, by_label = label_index(corpus, names)
+    encoder_config = {key: getattr(encoder.model.config, key) for key in LAYER_CONFIG_KEYS} if config.tuned_layers else None
+    heads = TextSelectorHeads(labels=tuple(names), text_dim=encoder.model.config.hidden_size, tuned_layers=config.tuned_layers,
+                              encoder_config=encoder_config)
+    layers = encoder.model.encoder.layer
+    for copy, layer in zip(heads.top, layers[len(layers) - config.tuned_layers:]):
+        copy.load_state_dict(layer.state_dict())
     with torch.no_grad():  # start each key at its label's prototype
-        heads.label_keys.copy_(torch.stack([F.normalize(embeddings[by_label[i]].mean(0), dim=0) for i in range(len(names))]))
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        heads.eval()
+        pooled = torch.cat([heads.pooled(*cache.batch(range(start, min(start + 256, len(targets))))) for start in range(0, len(targets), 256)])
+        heads.label_keys.copy_(torch.stack([F.normalize(pooled[by_label[i]].mean(0), dim=0) for i in range(len(names))]))
+    heads.train()
+    groups = [{"params": [p for name, p in heads.named_parameters() if not name.startswith("top.")], "lr": config.lr}]
+    if config.tuned_layers:
+        groups.append({"params": list(heads.top.parameters()), "lr": config.tuned_lr})
 
-    def similarity(anchor_labels: list[int], texts: torch.Tensor) -> torch.Tensor:
-        keys = F.normalize(heads.label_keys[torch.tensor(anchor_labels)], dim=-1)
-        return keys @ F.normalize(heads.project(texts), dim=-1).T  # [A, T]
+    def step_loss() -> torch.Tensor:
+        projected: dict[int, torch.Tensor] = {}
 
-    for step in range(1, config.steps + 1):
-        loss = contrastive_step(similarity, embeddings, by_label, config, rng)
-        if config.calibration_weight:  # texts drawn label-balanced, so the large null class does not dominate
-            batch = torch.tensor([rng.choice(by_label[rng.randrange(len(names))]) for _ in range(config.batch_size * 4)])
-            scores = heads(embeddings[batch])
-            loss = loss + config.calibration_weight * F.binary_cross_entropy_with_logits(scores, F.one_hot(targets[batch], len(names)).float())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if log and (step % 50 == 0 or step == config.steps):
-            log(step, loss.item())
+        def embed(texts: list[int]) -> torch.Tensor:
+            """Projected embeddings of corpus texts; the layer runs once per call over texts not yet seen this step."""
+            new = sorted(set(texts) - set(projected))
+            if new:
+                projected.update(zip(new, heads.project(*cache.batch(new))))
+            return torch.stack([projected[i] for i in texts])
+
+        def similarity(anchor_labels: list[int], texts: list[int]) -> torch.Tensor:
+            keys = F.normalize(heads.label_keys[torch.tensor(anchor_labels)], dim=-1)
+            return keys @ F.normalize(embed(texts), dim=-1).T  # [A, T]
+
+        return selector_loss(similarity, lambda texts: cosine_scores(heads.label_keys, embed(texts), heads.logit_scale),
+                             by_label, targets, config, rng)
+
+    optimise(groups, step_loss, config, log)
+    return heads.eval().requires_grad_(False)
+
+
+def train_reference_selector(
+    corpus: LabelledTexts,
+    plugin_keys: dict[str, torch.Tensor],
+    null_key: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    config: TrainConfig = TrainConfig(),
+    log: Callable[[int, float], None] | None = None,
+) -> PromptTuner:
+    """Train the authors' heads (proj_v, proj_t, logit_scale) as the paper does: only the heads learn;
+    a task's anchor is its plugin's max-pooled F^p of a random training image (the pseudo label),
+    null's is the pooled text of " ". `plugin_keys`: plugin -> [images, dim]; `text_embeddings`:
+    the base text encoder's pooled output of each corpus text, [texts, dim]."""
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    names = sorted(plugin_keys) + [NULL_KEY]
+    key_sets = [plugin_keys[name] for name in sorted(plugin_keys)] + [null_key.reshape(1, -1)]
+    targets, by_label = label_index(corpus, names)
+    heads = PromptTuner(dim=text_embeddings.shape[1]).train()
+
+    def anchors(labels: Sequence[int]) -> torch.Tensor:
+        return heads.proj_v(torch.stack([key_sets[label][rng.randrange(len(key_sets[label]))] for label in labels]))
+
+    def similarity(anchor_labels: list[int], texts: list[int]) -> torch.Tensor:
+        return F.normalize(anchors(anchor_labels), dim=-1) @ F.normalize(heads.proj_t(text_embeddings[texts]), dim=-1).T
+
+    def scores(texts: list[int]) -> torch.Tensor:  # against every label's key from one random image each
+        return cosine_scores(anchors(range(len(names))), heads.proj_t(text_embeddings[texts]), heads.logit_scale)
+
+    optimise([{"params": list(heads.parameters()), "lr": config.lr}],
+             lambda: selector_loss(similarity, scores, by_label, targets, config, rng), config, log)
     return heads.eval().requires_grad_(False)

@@ -3,19 +3,36 @@
 from __future__ import annotations
 
 import json
+import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from diffplugin_cli import RunOptions, run
 from diffplugin_cli.cli import app
-from diffplugin_cli.selector import NULL_KEY, ReferenceSelector, SentenceEncoder, TextSelector, clauses
+from diffplugin_cli.selection import SelectRequest, open_selector
+from diffplugin_cli.selector import (
+    NULL_KEY,
+    PromptTuner,
+    ReferenceSelector,
+    SentenceEncoder,
+    TextSelector,
+    clauses,
+    save_heads,
+)
 from diffplugin_cli.selector_eval import evaluate, metrics, read_cases
-from diffplugin_cli.selector_training import TrainConfig, load_corpus, train_text_selector
+from diffplugin_cli.selector_training import (
+    TrainConfig,
+    load_corpus,
+    packaged_corpus,
+    train_text_selector,
+)
 
 from .conftest import BASE, CLIP, CONFORMANCE, MANIFEST, PLUGINS, cli_args
 from .test_conformance import assert_image_close
@@ -143,12 +160,33 @@ def test_training_on_a_small_corpus_raises_held_out_zta():
     encoder = SentenceEncoder()
     corpus = load_corpus(variants=0)
     cases = read_cases(HELDOUT)
-    untrained = train_text_selector(corpus, encoder, TrainConfig(steps=0))
-    trained = train_text_selector(corpus, encoder, TrainConfig(steps=150))
+    small = TrainConfig(batch_size=8)  # a fine-tuned top layer, as shipped, on fewer texts per step
+    untrained = train_text_selector(corpus, encoder, replace(small, steps=0))
+    trained = train_text_selector(corpus, encoder, replace(small, steps=100))
     tasks = [label for label in trained.config.labels if label != NULL_KEY]
     before = evaluate(cases, TextSelector(untrained, encoder).raw_scores, tasks)["overall"]["ZTA"]
     after = evaluate(cases, TextSelector(trained, encoder).raw_scores, tasks)["overall"]["ZTA"]
     assert after > before + 0.3, (before, after)
+
+
+def test_tuned_layer_starts_as_the_encoders_top_layer_and_round_trips(tmp_path):
+    """Untrained, the copied top layer reproduces the frozen encoder's mean-pooled embeddings; trained
+    weights survive save/load, so the shipped file alone (plus the packaged encoder) gives the scores."""
+    encoder = SentenceEncoder()
+    corpus = load_corpus(variants=0)
+    texts = ["remove the snow", "don't remove the fog, only brighten it", "x"]
+    untrained = train_text_selector(corpus, encoder, TrainConfig(steps=0))
+    states, mask = encoder.token_states(texts)
+    weights = mask.unsqueeze(-1).float()
+    frozen = torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=-1)
+    assert (untrained.pooled(*encoder.token_states(texts, below_top=1)) - frozen).abs().max() <= 1e-5
+
+    trained = train_text_selector(corpus, encoder, TrainConfig(steps=3, batch_size=4))
+    assert not torch.equal(trained.top[0].output.dense.weight, encoder.model.encoder.layer[-1].output.dense.weight)
+    path = save_heads(trained, tmp_path / "heads.safetensors")
+    selector, reloaded = TextSelector(trained, encoder), TextSelector.from_file(path, encoder)
+    for text in texts:
+        assert reloaded.raw_scores(text) == selector.raw_scores(text)
 
 
 @pytest.mark.parametrize("path, size", [(HELDOUT, 300), (HELDOUT_V2, 150), (HELDOUT_V3, 200)])
@@ -185,6 +223,43 @@ def test_select_reference_through_cli():
     assert abs(data["scores"]["desnow"] - SELECTOR_CASES[2]["expected"]["scores_final"][0]) <= 1e-4
     missing = CliRunner().invoke(app, ["select", "-i", "x", "--selector", "reference"])
     assert missing.exit_code == 2 and "needs an IMAGE" in missing.stderr
+
+
+def test_train_reference_selector_learns_from_plugin_features(tmp_path):
+    """`train selector --selector reference`: the authors' heads trained as the paper, with the
+    installed plugins' F^p of a folder of images as keys. Trained heads select the right plugin (or
+    none) for most corpus texts; freshly initialised ones (what training starts from) do not."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("desnow", "lowlight", "none"):  # the first 40 phrasings of each keep the test fast
+        (corpus / f"{name}.txt").write_text("\n".join((packaged_corpus() / f"{name}.txt").read_text().splitlines()[:40]))
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in (CONFORMANCE / "inputs").glob("*.png"):
+        (images / path.name).write_bytes(path.read_bytes())
+    trained = tmp_path / "trained.safetensors"
+    args = ["train", "selector", "--selector", "reference", "--corpus", str(corpus), "--plugin-dir", str(PLUGINS), "--base-model", BASE,
+            "--clip-model", CLIP, "--out", str(trained)]
+    missing = CliRunner().invoke(app, args)
+    assert missing.exit_code == 2 and "needs --images" in missing.stderr
+    result = CliRunner().invoke(app, [*args, "--images", str(images), "--steps", "150"])
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(0)  # the initialisation training starts from
+    untrained = save_heads(PromptTuner(dim=768), tmp_path / "untrained.safetensors")
+
+    texts = load_corpus(corpus)
+    rng = random.Random(0)
+    sample = [(text, label) for wanted in ("desnow", "lowlight", NULL_KEY)
+              for text, label in rng.sample([pair for pair in zip(texts.texts, texts.labels) if pair[1] == wanted], 15)]
+
+    def accuracy(heads: Path) -> float:
+        request = SelectRequest("reference", heads=heads, plugin_dirs=[PLUGINS], base_model=BASE, clip_model=CLIP)
+        select = open_selector(request, CONFORMANCE / "inputs/small_75x70.png")
+        return sum(select(text).selected == ([] if label == NULL_KEY else [label]) for text, label in sample) / len(sample)
+
+    before, after = accuracy(untrained), accuracy(trained)
+    print(f"balanced accuracy on corpus texts: untrained {before:.3f}, trained {after:.3f}")
+    assert after >= 0.75 and after > before + 0.3, (before, after)
 
 
 def test_eval_selector_cli(tmp_path):
@@ -260,8 +335,9 @@ def test_run_with_reference_selector_selects_per_image(tmp_path, pipeline, plugi
 @pytest.mark.slow
 def test_shipped_text_heads_are_reproduced_by_the_documented_command(tmp_path):
     """`diffplugin train selector --out ...` with defaults gives exactly the shipped heads."""
-    import torch
     from importlib import resources
+
+    import torch
 
     result = CliRunner().invoke(app, ["train", "selector", "--out", str(tmp_path / "heads.safetensors")])
     assert result.exit_code == 0, result.output
