@@ -76,13 +76,13 @@ def run(
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, help="Refuse inputs with more pixels than this."),
     device: str = typer.Option("auto", help="auto, cuda, cuda:N, mps or cpu."),
     dtype: str = typer.Option("auto", help="auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16."),
-    base_model: Optional[str] = typer.Option(None, help="Stable Diffusion 1.x hub id or local folder [default: from the registry]."),
-    clip_model: Optional[str] = typer.Option(None, help="CLIP vision hub id or local folder [default: from the registry]."),
-    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML [default: $DIFFPLUGIN_REGISTRY or the packaged one]."),
+    base_model: Optional[str] = typer.Option(None, help="Stable Diffusion 1.x hub id or local folder (default: from the registry)."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP vision hub id or local folder (default: from the registry)."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML (default: $DIFFPLUGIN_REGISTRY or the packaged one)."),
     selector: str = typer.Option("text", help="With -i: text (instruction only, offline) or reference (the authors' selector, per image)."),
     threshold: float = typer.Option(0.0, help="With -i: a plugin is selected when its score is above this."),
     selector_heads: Optional[Path] = typer.Option(None, help="With -i: selector heads (reference: the authors' PromptTunner.pt; text: default the shipped ones)."),
-    tile_size: Optional[int] = typer.Option(None, help="With --size-rule native: latent tile size in pixels, a multiple of 64 [default: from free memory]."),
+    tile_size: Optional[int] = typer.Option(None, help="With --size-rule native: latent tile size in pixels, a multiple of 64 (default: from free memory)."),
     offload: Optional[str] = typer.Option(None, help="Keep weights in CPU memory and move them to the GPU when used: model (per model) or sequential (per layer, least memory, slowest)."),
     compile_unet: bool = typer.Option(False, "--compile", help="torch.compile the UNet (dynamic shapes; the first batch pays the compile time)."),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels-last memory format for the UNet and VAE (faster on recent GPUs)."),
@@ -160,8 +160,8 @@ def select(
     threshold: float = typer.Option(0.0, help="A plugin is selected when its score is above this."),
     selector_heads: Optional[Path] = typer.Option(None, help="Heads file (reference: PromptTunner.pt; text: default the shipped ones)."),
     plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
-    base_model: Optional[str] = typer.Option(None, help="Reference selector: SD-1.x hub id or folder (text encoder) [default: registry]."),
-    clip_model: Optional[str] = typer.Option(None, help="Reference selector: CLIP vision hub id or folder [default: registry]."),
+    base_model: Optional[str] = typer.Option(None, help="Reference selector: SD-1.x hub id or folder (text encoder) (default: registry)."),
+    clip_model: Optional[str] = typer.Option(None, help="Reference selector: CLIP vision hub id or folder (default: registry)."),
     registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -197,7 +197,7 @@ def train_plugin(
     name: str = typer.Option(..., help="Name of the new plugin (also its task)."),
     out: Path = typer.Option(..., "--out", help="Output folder: NAME.safetensors, checkpoints/, train_log.csv, validation/."),
     data: Optional[Path] = typer.Option(None, help="CSV of pairs: header input,target; the authors' image,conditioning_image; or no header (input,target)."),
-    data_root: Optional[Path] = typer.Option(None, help="Folder the CSV paths are relative to [default: the CSV's folder]."),
+    data_root: Optional[Path] = typer.Option(None, help="Folder the CSV paths are relative to (default: the CSV's folder)."),
     inputs: Optional[Path] = typer.Option(None, help="Folder of degraded inputs (file names matching --targets)."),
     targets: Optional[Path] = typer.Option(None, help="Folder of ground-truth images."),
     degrade: Optional[str] = typer.Option(None, help="Synthesise inputs from the targets: lowlight, blur, noise or jpeg (formulas in README)."),
@@ -215,8 +215,8 @@ def train_plugin(
     scb_init: str = typer.Option("zero", help="zero (zero output convs, as the paper) or unet (also copy the UNet's first down block)."),
     seed: int = typer.Option(0, help="Seed of sampling, augmentation, noise and initialisation."),
     resume: Optional[str] = typer.Option(None, help="Continue from 'latest' or a checkpoint folder."),
-    base_model: Optional[str] = typer.Option(None, help="SD-1.x hub id or folder [default: registry]."),
-    clip_model: Optional[str] = typer.Option(None, help="CLIP vision hub id or folder [default: registry]."),
+    base_model: Optional[str] = typer.Option(None, help="SD-1.x hub id or folder (default: registry)."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP vision hub id or folder (default: registry)."),
     registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
 ) -> None:
     """Train a Task-Plugin (TPB + SCB) on a frozen base model; `accelerate launch -m diffplugin_cli train plugin ...` for many GPUs or machines."""
@@ -245,7 +245,7 @@ def train_selector(
     out: Path = typer.Option(..., "--out", help="Where to write the heads (.safetensors)."),
     selector: str = typer.Option("text", help="text (our heads, no images needed) or reference (the authors' heads: needs --images and installed plugins)."),
     images: Optional[Path] = typer.Option(None, help="Reference: folder of images whose plugin F^p are the pseudo-labelled keys."),
-    corpus: Optional[Path] = typer.Option(None, help="Corpus folder (<task>.txt, none.txt, negation.txt, inverse.txt, objects.toml, vocabulary.toml) [default: the shipped one]."),
+    corpus: Optional[Path] = typer.Option(None, help="Corpus folder (<task>.txt, none.txt, negation.txt, inverse.txt, objects.toml, vocabulary.toml) (default: the shipped one)."),
     steps: int = typer.Option(800, help="Optimisation steps."),
     negatives: int = typer.Option(7, help="Negative texts per anchor in the contrastive loss (the paper's N)."),
     temperature: float = typer.Option(0.07, help="Temperature tau of the contrastive loss."),
@@ -255,8 +255,8 @@ def train_selector(
     tuned_lr: float = typer.Option(5e-5, help="Text: AdamW learning rate of the fine-tuned encoder layers."),
     seed: int = typer.Option(0, help="Seed of sampling and initialisation."),
     plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Reference: folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
-    base_model: Optional[str] = typer.Option(None, help="Reference: SD-1.x hub id or folder [default: registry]."),
-    clip_model: Optional[str] = typer.Option(None, help="Reference: CLIP vision hub id or folder [default: registry]."),
+    base_model: Optional[str] = typer.Option(None, help="Reference: SD-1.x hub id or folder (default: registry)."),
+    clip_model: Optional[str] = typer.Option(None, help="Reference: CLIP vision hub id or folder (default: registry)."),
     registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
 ) -> None:
     """Train a selector's heads from scratch (the shipped text heads come from the defaults)."""
@@ -284,16 +284,16 @@ def eval_images(
     ctx: typer.Context,
     task: Optional[str] = typer.Option(None, help="Run this plugin over --data (resumable, into --cache-dir) and score its outputs."),
     metric: List[str] = typer.Option([], "--metric", "-m", help="fid, kid, clip-fid, clip-kid (vs --reference), psnr, ssim, lpips (pairs by name); repeatable."),
-    data: Optional[Path] = typer.Option(None, help="Test inputs for --task [default: test_data of the task in the registry]."),
-    reference: Optional[Path] = typer.Option(None, help="Reference images (ground truth or real clean photos) [default: test_reference in the registry]."),
+    data: Optional[Path] = typer.Option(None, help="Test inputs for --task (default: test_data of the task in the registry)."),
+    reference: Optional[Path] = typer.Option(None, help="Reference images (ground truth or real clean photos) (default: test_reference in the registry)."),
     outputs: List[Path] = typer.Option([], "--outputs", help="Score existing output folders instead of running; give two to compare side by side."),
-    feature_model: Optional[str] = typer.Option(None, help="Feature network for fid/kid/clip-*: a CLIP hub id or local folder [default: Inception; CLIP ViT-B/32 for clip-*]."),
+    feature_model: Optional[str] = typer.Option(None, help="Feature network for fid/kid/clip-*: a CLIP hub id or local folder (default: Inception; CLIP ViT-B/32 for clip-*)."),
     ssim_on: str = typer.Option("y", help="SSIM on y (luma, BT.601) or rgb."),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Write one CSV row per image pair (pair metrics)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Where --task writes its outputs [default: under $DIFFPLUGIN_HOME/eval]."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where --task writes its outputs (default: under $DIFFPLUGIN_HOME/eval)."),
     plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Folder holding plugins; repeatable."),
-    base_model: Optional[str] = typer.Option(None, help="SD-1.x hub id or folder [default: registry]."),
-    clip_model: Optional[str] = typer.Option(None, help="CLIP vision (image encoder) hub id or folder [default: registry]."),
+    base_model: Optional[str] = typer.Option(None, help="SD-1.x hub id or folder (default: registry)."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP vision (image encoder) hub id or folder (default: registry)."),
     steps: int = typer.Option(20, help="Denoising steps for --task."),
     seed: int = typer.Option(42, help="Seed for --task."),
     size_rule: str = typer.Option("square", help="Size rule for --task."),
@@ -340,7 +340,7 @@ def eval_images(
 @eval_app.command("selector")
 def eval_selector(
     cases: Path = typer.Option(..., "--cases", help="JSON Lines: {\"text\": ..., \"labels\": [...], \"kind\": optional}."),
-    selector_heads: Optional[Path] = typer.Option(None, help="Text selector heads [default: the shipped ones]."),
+    selector_heads: Optional[Path] = typer.Option(None, help="Text selector heads (default: the shipped ones)."),
     threshold: float = typer.Option(0.0, help="A plugin is selected when its score is above this."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
@@ -367,7 +367,7 @@ def eval_selector(
 @plugins_app.command("list")
 def plugins_list(
     plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
-    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML [default: $DIFFPLUGIN_REGISTRY or the packaged one]."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML (default: $DIFFPLUGIN_REGISTRY or the packaged one)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show the registry's plugins and every plugin found: where, format, size, source, sha256, verified."""
@@ -412,8 +412,8 @@ def plugins_list(
 @plugins_app.command("install")
 def plugins_install(
     targets: List[str] = typer.Argument(..., help="Registry plugin names, 'all', 'reference-selector', a local folder/.safetensors/archive, or a URL."),
-    name: Optional[str] = typer.Option(None, help="Name to install a path or URL under [default: from its file name]."),
-    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML [default: $DIFFPLUGIN_REGISTRY or the packaged one]."),
+    name: Optional[str] = typer.Option(None, help="Name to install a path or URL under (default: from its file name)."),
+    registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML (default: $DIFFPLUGIN_REGISTRY or the packaged one)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print the install records as JSON."),
 ) -> None:
@@ -481,7 +481,7 @@ def plugins_verify(as_json: bool = typer.Option(False, "--json", help="Print the
 def plugins_convert(
     src: Path = typer.Argument(..., help="A plugin: the authors' folder (tpb.pt + scb/) or our NAME.safetensors."),
     dst: Path = typer.Argument(..., help="Where to write: a path ending in .safetensors (ours) or a folder (the authors' layout)."),
-    name: Optional[str] = typer.Option(None, help="Plugin name recorded in the file [default: from SRC]."),
+    name: Optional[str] = typer.Option(None, help="Plugin name recorded in the file (default: from SRC)."),
     task: Optional[str] = typer.Option(None, help="Task recorded in the file."),
     init: Optional[str] = typer.Option(None, help="Init mode recorded in the file: input or noise."),
     source: Optional[str] = typer.Option(None, help="Where the weights come from, recorded in the file."),

@@ -226,6 +226,18 @@ def test_usage_errors_exit_2(tmp_path, args, message):
     assert result.exit_code == 2 and message in result.stderr
 
 
+@pytest.mark.parametrize("command, default", [(["run"], "(default: from the registry)"),
+                                              (["train", "selector"], "(default: the shipped one)"),
+                                              (["eval"], "(default: test_data of the task in the registry)")])
+def test_help_shows_the_defaults_its_texts_name(command, default):
+    """Rich reads "[default: ...]" as markup and drops it; help texts must survive rendering."""
+    from diffplugin_cli.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert default in " ".join(result.output.replace("│", " ").split())
+
+
 def test_missing_base_model_offline_names_the_flag(tmp_path):
     make_images(tmp_path / "in", 1)
     from diffplugin_cli.cli import app
