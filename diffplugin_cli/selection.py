@@ -49,20 +49,36 @@ def open_selector(request: SelectRequest, image: str | os.PathLike | None = None
         raise DiffPluginError("--selector reference needs an IMAGE and the authors' heads (`diffplugin plugins install reference-selector` or --selector-heads PromptTunner.pt)")
     if not installed:
         raise DiffPluginError("--selector reference scores installed plugins; give --plugin-dir or set DIFFPLUGIN_PLUGIN_PATH")
-    from .images import load_image
+    rgb = _load_rgb(image)  # a bad image fails before any model loads
+    pipeline, plugins, base_model = _plugin_features(request, registry, dirs, installed)
+    hidden = pipeline.clip_hidden_states([rgb])
+    prompts = {name: pipeline.visual_prompt(plugin, hidden) for name, plugin in plugins.items()}
+    selector = ReferenceSelector.from_pretrained(heads, base_model)
+    return lambda text: selector.select(text, prompts, request.threshold, registry.order)
+
+
+def _plugin_features(request: SelectRequest, registry: Registry, dirs, installed: Sequence[str]):
+    """What the reference selector's keys come from: the pipeline (CLIP vision, TPB) and the installed plugins."""
     from .pipeline import DiffPluginPipeline
     from .plugins import load_plugin
 
-    try:
-        rgb = load_image(image).rgb
-    except ImageError as exc:
-        raise DiffPluginError(f"{image}: {exc}") from None
     base_model = request.base_model or registry.base_model
     pipeline = DiffPluginPipeline.from_pretrained(base_model, request.clip_model or registry.clip_model, "cpu", "fp32")
-    hidden = pipeline.clip_hidden_states([rgb])
-    prompts = {name: pipeline.visual_prompt(load_plugin(find_plugin(name, dirs), registry.entry(name)), hidden) for name in installed}
-    selector = ReferenceSelector.from_pretrained(heads, base_model)
-    return lambda text: selector.select(text, prompts, request.threshold, registry.order)
+    return pipeline, {name: load_plugin(find_plugin(name, dirs), registry.entry(name)) for name in installed}, base_model
+
+
+def _load_rgb(image: str | os.PathLike):
+    from .images import load_image
+
+    try:
+        return load_image(image).rgb
+    except ImageError as exc:
+        raise DiffPluginError(f"{image}: {exc}") from None
+
+
+def _provenance(texts, settings: TrainConfig, **extra: str) -> dict[str, str]:
+    return ({"trained_with": f"diffplugin {__version__}", "corpus_texts": str(len(texts.texts))} | extra
+            | {k: str(v) for k, v in vars(settings).items()})
 
 
 def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | None = None, log=None, **config) -> Path:
@@ -70,8 +86,7 @@ def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | No
     settings = TrainConfig(**config)
     texts = load_corpus(corpus, seed=settings.seed)
     heads = train_text_selector(texts, SentenceEncoder(), settings, log)
-    provenance = {"trained_with": f"diffplugin {__version__}", "corpus_texts": str(len(texts.texts))} | {k: str(v) for k, v in vars(settings).items()}
-    return save_heads(heads, out, provenance)
+    return save_heads(heads, out, _provenance(texts, settings))
 
 
 def train_reference_heads_file(out: str | os.PathLike, images: str | os.PathLike, request: SelectRequest, corpus: str | os.PathLike | None = None,
@@ -81,13 +96,11 @@ def train_reference_heads_file(out: str | os.PathLike, images: str | os.PathLike
     encoder) the queries. Writes safetensors that `--selector-heads` loads."""
     import torch
 
-    from .images import images_by_name, load_image
-    from .pipeline import DiffPluginPipeline
-    from .plugins import load_plugin
-    from .selector import load_base_text_encoder, pooled_text
+    from .images import images_by_name
+    from .selector import load_base_text_encoder, plugin_key, pooled_text
     from .selector_training import train_reference_selector
 
-    settings = TrainConfig(**config)
+    settings = TrainConfig(**config, tuned_layers=0)  # no encoder of the reference selector is tuned (recorded in provenance)
     registry = Registry.load(request.registry)
     dirs = plugin_search_path(request.plugin_dirs)
     installed = sorted(discover_plugins(dirs))
@@ -100,25 +113,17 @@ def train_reference_heads_file(out: str | os.PathLike, images: str | os.PathLike
     paths = sorted(images_by_name(images).values())
     if not paths:
         raise DiffPluginError(f"{images}: no images to take the plugins' F^p from")
-    base_model = request.base_model or registry.base_model
-    pipeline = DiffPluginPipeline.from_pretrained(base_model, request.clip_model or registry.clip_model, "cpu", "fp32")
-    plugins = {name: load_plugin(find_plugin(name, dirs), registry.entry(name)) for name in installed}
+    pipeline, plugins, base_model = _plugin_features(request, registry, dirs, installed)
     keys: dict[str, list] = {name: [] for name in installed}
     for path in paths:
-        try:
-            hidden = pipeline.clip_hidden_states([load_image(path).rgb])
-        except ImageError as exc:
-            raise DiffPluginError(f"{path}: {exc}") from None
+        hidden = pipeline.clip_hidden_states([_load_rgb(path)])
         for name, plugin in plugins.items():
-            prompt = pipeline.visual_prompt(plugin, hidden)
-            keys[name].append(prompt.reshape(-1, prompt.shape[-1]).amax(dim=0))
+            keys[name].append(plugin_key(pipeline.visual_prompt(plugin, hidden)))
     tokenizer, text_encoder = load_base_text_encoder(base_model)
     embeddings = torch.cat([pooled_text(tokenizer, text_encoder, texts.texts[i:i + 256]) for i in range(0, len(texts.texts), 256)])
     null = pooled_text(tokenizer, text_encoder, [" "])[0]
     heads = train_reference_selector(texts, {name: torch.stack(rows) for name, rows in keys.items()}, null, embeddings, settings, log)
-    provenance = {"trained_with": f"diffplugin {__version__}", "corpus_texts": str(len(texts.texts)), "images": str(len(paths)),
-                  "plugins": ",".join(installed), "base_model": base_model} | {k: str(v) for k, v in vars(settings).items()}
-    return save_heads(heads, out, provenance)
+    return save_heads(heads, out, _provenance(texts, settings, images=str(len(paths)), plugins=",".join(installed), base_model=base_model))
 
 
 def evaluate_text_selector(cases_path: str | os.PathLike, heads: str | os.PathLike | None = None, threshold: float = 0.0) -> dict:

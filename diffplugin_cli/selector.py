@@ -231,7 +231,7 @@ class ReferenceSelector:
     @torch.no_grad()
     def raw_scores(self, instruction: str, plugin_prompts: dict[str, torch.Tensor]) -> dict[str, float]:
         """`plugin_prompts`: each plugin's F^p for the image ([1, 256, 768] or [256, 768])."""
-        keys = torch.stack([prompt.reshape(-1, prompt.shape[-1]).amax(dim=0) for prompt in plugin_prompts.values()] + [self._null[0]])
+        keys = torch.stack([plugin_key(prompt) for prompt in plugin_prompts.values()] + [self._null[0]])
         keys = keys.to(self.heads.device, self.heads.dtype)
         scores = self.heads(keys, self.pooled_text([instruction]).to(self.heads.device, self.heads.dtype))[0]
         return dict(zip([*plugin_prompts, NULL_KEY], scores.tolist()))
@@ -240,6 +240,11 @@ class ReferenceSelector:
         raw = self.raw_scores(instruction, plugin_prompts)
         final, selected = decide(list(raw), list(raw.values()), threshold, order or list(plugin_prompts))
         return Selection(instruction, self.kind, final, selected, threshold)
+
+
+def plugin_key(prompt: torch.Tensor) -> torch.Tensor:
+    """A plugin's key for one image: its F^p ([1, 256, dim] or [256, dim]) max-pooled over tokens -> [dim]."""
+    return prompt.reshape(-1, prompt.shape[-1]).amax(dim=0)
 
 
 def load_base_text_encoder(base_model: str):
