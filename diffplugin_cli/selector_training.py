@@ -54,11 +54,11 @@ def load_corpus(folder: str | Path | None = None, tasks: Sequence[str] | None = 
     ("keep the snow", "add fog"). Each of those phrasings gets `variants` random prefix/suffix
     variants. Then the compositional phrasings of `vocabulary.toml`, as they are."""
     folder = Path(folder) if folder else packaged_corpus()
-    rng = random.Random(seed)
     tasks = list(tasks) if tasks else sorted(p.stem for p in folder.glob("*.txt") if p.stem not in TEMPLATE_FILES)
     corpus = LabelledTexts([], [])
 
     def add(text: str, label: str) -> None:
+        rng = random.Random(f"{seed}:{label}:{text}")  # each line's variants stay put when other lines change
         forms = {text} | {f"{rng.choice(PREFIXES)}{text}{rng.choice(SUFFIXES)}".strip() for _ in range(variants)}
         for form in sorted(forms):
             corpus.texts.append(form)
@@ -76,31 +76,54 @@ def load_corpus(folder: str | Path | None = None, tasks: Sequence[str] | None = 
                 add(template.format(obj=word), NULL_KEY)
     if (folder / "vocabulary.toml").is_file():
         vocabulary = tomllib.loads((folder / "vocabulary.toml").read_text(encoding="utf-8"))
-        for text, label in compose_vocabulary(vocabulary, tasks, rng):
+        for text, label in compose_vocabulary(vocabulary, tasks, seed):
             corpus.texts.append(text)
             corpus.labels.append(label)
     return corpus
 
 
-def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], rng: random.Random) -> list[tuple[str, str]]:
+def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) -> list[tuple[str, str]]:
     """`vocabulary.toml` filled into its templates: every verb with every word of a task (one random
-    template each), a few random templates per noun and adjective, and the null inverse edits."""
+    template each), a few random templates per noun and adjective; labelled null, the same words in
+    refusals ("keep it dark"), the inverse edits ("make it foggy") and the out-of-scope edits.
+
+    Each word draws its templates from its own seeded generator, so editing one list of the file
+    leaves the phrasings of every other word as they were."""
     templates, verbs = vocabulary["templates"], vocabulary["verbs"]
+
+    def fill(kind: str, count: int, label: str, key: str, **words: str) -> list[tuple[str, str]]:
+        chosen = random.Random(f"{seed}:{kind}:{key}").sample(templates[kind], count)
+        return [(template.format(**words), label) for template in chosen]
+
     pairs: list[tuple[str, str]] = []
     for task in tasks:
         words = vocabulary.get("tasks", {}).get(task)
         if not words:
             continue
-        for verb in verbs[words["verbs"]]:
+        task_verbs = verbs[words["verbs"]]
+        for verb in task_verbs:
             for noun in words["nouns"]:
-                pairs.append((rng.choice(templates["act"]).format(verb=verb, noun=noun), task))
+                pairs += fill("act", 1, task, f"{verb}:{noun}", verb=verb, noun=noun)
         for noun in words["nouns"] if words["verbs"] == "remove" else ():
-            pairs += [(template.format(noun=noun), task) for template in rng.sample(templates["describe"], 3)]
+            pairs += fill("describe", 3, task, noun, noun=noun)
         for kind, count in (("bad", 3), ("good", 2)):
             for adjective in words.get(kind, ()):
-                pairs += [(template.format(adj=adjective), task) for template in rng.sample(templates[kind], count)]
+                pairs += fill(kind, count, task, adjective, adj=adjective)
+        # the same words refused, null: "keep it dark", "without making it brighter", "don't restore the face"
+        for kind, refusals in (("bad", "keep"), ("good", "refuse")):
+            for adjective in words.get(kind, ()):
+                pairs += fill(refusals, 2, NULL_KEY, adjective, adj=adjective)
+        for noun in words["nouns"]:
+            verb = random.Random(f"{seed}:spare-verb:{noun}").choice(task_verbs)
+            pairs += fill("spare", 2, NULL_KEY, noun, noun=noun, verb=verb)
     for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
         pairs += [(template.format(adj=adjective), NULL_KEY) for template in templates["inverse"]]
+    edits = vocabulary.get("edits", {})
+    for group in (value for value in edits.values() if isinstance(value, dict)):
+        for verb in group["verbs"]:
+            for thing in group["things"]:
+                template = random.Random(f"{seed}:edit:{verb}:{thing}").choice(edits["templates"])
+                pairs.append((template.format(verb=verb, thing=thing), NULL_KEY))
     return pairs
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,7 @@ os.environ.pop("DIFFPLUGIN_PLUGIN_PATH", None)
 os.environ.pop("DIFFPLUGIN_REGISTRY", None)
 # Never the user's own plugin home: installed plugins would change what tests find.
 os.environ["DIFFPLUGIN_HOME"] = tempfile.mkdtemp(prefix="diffplugin-test-home-")
+atexit.register(shutil.rmtree, os.environ["DIFFPLUGIN_HOME"], ignore_errors=True)
 
 import torch  # noqa: E402
 
