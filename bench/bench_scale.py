@@ -15,6 +15,10 @@ configuration runs in processes of its own on the same images:
 
 Seconds per image are wall time over the whole command, model loading and start-up included;
 peak RSS is the largest the process reached (the run's sidecars, or the authors' process itself).
+RSS counts the weights, which safetensors maps from disk: those pages are file-backed and clean,
+so the kernel can drop and re-read them. The anon and file columns split it, each the largest
+value seen by sampling /proc/PID/status every 0.2 s (Linux only; short peaks can fall between
+samples): anon is the memory the run itself allocated and needs in RAM.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -75,28 +80,55 @@ def run_ours(paths: dict[str, Path], config: str, images: list[Path], steps: int
                "--base-model", str(paths["base"]), "--clip-model", str(paths["clip"]), "--device", "cpu", "--steps", str(steps),
                "--resolution", str(resolution), "--overwrite", "--quiet", "--json", *RUN_FLAGS[config]]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done, split = run_sampled(command)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{config}: diffplugin run failed:\n{done.stderr[-2000:]}")
     sidecars = [json.loads(p.read_text()) for p in out.glob("*.json") if p.name != "diffplugin-run.json"]
     rss = max(s["peak_memory_mib"]["rss"] for s in sidecars) / 1024
     restore = sum(s["seconds"] for s in sidecars) / len(sidecars)
-    return {"images": len(images), "s_per_image": wall / len(images), "restore_s_per_image": restore, "peak_rss_gib": rss}
+    return {"images": len(images), "s_per_image": wall / len(images), "restore_s_per_image": restore, "peak_rss_gib": rss, **split}
 
 
 def run_authors(paths: dict[str, Path], images: list[Path], steps: int, resolution: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    walls, rss = [], []
+    walls, rss, splits = [], [], []
     for image in images:
         command = [sys.executable, __file__, "--authors-one", str(image), str(out / image.name), "--steps", str(steps), "--resolution", str(resolution), "--work", str(paths["base"].parent)]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        done, split = run_sampled(command)
         walls.append(time.perf_counter() - start)
         if done.returncode != 0:
             raise SystemExit(f"authors: failed:\n{done.stderr[-2000:]}")
         rss.append(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_gib"])
-    return {"images": len(images), "s_per_image": sum(walls) / len(walls), "restore_s_per_image": None, "peak_rss_gib": max(rss)}
+        splits.append(split)
+    return {"images": len(images), "s_per_image": sum(walls) / len(walls), "restore_s_per_image": None, "peak_rss_gib": max(rss),
+            **{key: max(split[key] for split in splits) for key in splits[0]}}
+
+
+def run_sampled(command: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
+    """Run `command` to the end, sampling its anonymous and file-backed RSS every 0.2 s."""
+    peaks = {"peak_anon_gib": 0.0, "peak_file_gib": 0.0}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        while True:
+            sample_rss(process.pid, peaks)
+            try:
+                stdout, stderr = process.communicate(timeout=0.2)  # a timed-out call loses no output
+                break
+            except subprocess.TimeoutExpired:
+                continue
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), peaks
+
+
+def sample_rss(pid: int, peaks: dict[str, float]) -> None:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:  # not Linux, or the process has just exited
+        return
+    fields = dict(line.split(":", 1) for line in lines if line.startswith(("RssAnon:", "RssFile:")))
+    for field, key in (("RssAnon", "peak_anon_gib"), ("RssFile", "peak_file_gib")):
+        if field in fields:
+            peaks[key] = max(peaks[key], int(fields[field].split()[0]) / 2**20)
 
 
 def authors_one(image: Path, output: Path, paths: dict[str, Path], steps: int, resolution: int) -> None:
@@ -127,17 +159,19 @@ def main() -> None:
     inputs = sorted(paths["inputs"].glob("*.png"))
     results = {}
     print(f"resolution={args.resolution} steps={args.steps} images={args.images} batch_images={args.batch_images}", flush=True)
-    print(f"{'config':>14} {'images':>6} {'s/image':>9} {'restore s/img':>13} {'peak RSS GiB':>12}", flush=True)
+    print(f"{'config':>14} {'images':>6} {'s/image':>9} {'restore s/img':>13} {'peak RSS GiB':>12} {'anon GiB':>8} {'file GiB':>8}", flush=True)
     for config in args.configs.split(","):
         count = args.batch_images if config == "fp32-batch4" else args.images
         out = args.work / "out" / config
+        shutil.rmtree(out, ignore_errors=True)  # sidecars of an earlier run would count in this one's figures
         if config == "authors":
             figures = run_authors(paths, inputs[:count], args.steps, args.resolution, out)
         else:
             figures = run_ours(paths, config, inputs[:count], args.steps, args.resolution, out)
         results[config] = figures
         restore = "-" if figures["restore_s_per_image"] is None else f"{figures['restore_s_per_image']:.1f}"
-        print(f"{config:>14} {figures['images']:>6} {figures['s_per_image']:9.1f} {restore:>13} {figures['peak_rss_gib']:12.2f}", flush=True)
+        print(f"{config:>14} {figures['images']:>6} {figures['s_per_image']:9.1f} {restore:>13} {figures['peak_rss_gib']:12.2f}"
+              f" {figures['peak_anon_gib']:8.2f} {figures['peak_file_gib']:8.2f}", flush=True)
     ratios = {}
     for name, (a, b) in {"bf16_over_fp32": ("bf16", "fp32"), "batch4_over_batch1": ("fp32-batch4", "fp32"), "authors_over_fp32": ("authors", "fp32"),
                          "channels_last_over_fp32": ("channels-last", "fp32"), "compile_over_fp32": ("compile", "fp32")}.items():
