@@ -40,7 +40,7 @@ from .test_conformance import assert_image_close
 SELECTOR_CASES = MANIFEST["selector_cases"]
 HEADS = CONFORMANCE / "selector/PromptTunner.pt"
 HELDOUT = Path(__file__).parent / "data/selector_heldout.jsonl"
-HELDOUT_V2 = Path(__file__).parent / "data/selector_heldout_v2.jsonl"  # written later; it only chose the training step count
+HELDOUT_V2 = Path(__file__).parent / "data/selector_heldout_v2.jsonl"  # written later; chose the step count, errors looked at since
 HELDOUT_V3 = Path(__file__).parent / "data/selector_heldout_v3.jsonl"  # written before the token-level heads, never tuned on
 HELDOUT_V4 = Path(__file__).parent / "data/selector_heldout_v4.jsonl"  # 302 cases, written before the face/negation corpus work, never tuned on
 
