@@ -3,7 +3,8 @@
     python bench/bench_selector.py [--cases FILE.jsonl ...] [--heads FILE] [--train]
 
 By default it scores the four held-out sets: tests/data/selector_heldout.jsonl (335 cases),
-tests/data/selector_heldout_v2.jsonl (151 cases, written later; it chose the training step count),
+tests/data/selector_heldout_v2.jsonl (151 cases, written later; it chose the training step count and its
+errors were looked at for the last corpus change),
 tests/data/selector_heldout_v3.jsonl (200 cases, written before the token-level heads) and
 tests/data/selector_heldout_v4.jsonl (302 cases, written before the face-edit and negation corpus
 work). Neither v3 nor v4 was used to choose anything.
