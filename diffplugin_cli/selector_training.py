@@ -84,8 +84,9 @@ def load_corpus(folder: str | Path | None = None, tasks: Sequence[str] | None = 
 
 def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) -> list[tuple[str, str]]:
     """`vocabulary.toml` filled into its templates: every verb with every word of a task (one random
-    template each), a few random templates per noun and adjective; labelled null, the same words in
-    refusals ("keep it dark"), the inverse edits ("make it foggy") and the out-of-scope edits.
+    template each), a few random templates per noun, adjective, task name and fix; labelled null, the
+    same words in refusals ("keep it dark", "no dehazing"), the inverse edits ("make it foggy") and
+    the out-of-scope edits.
 
     Each word draws its templates from its own seeded generator, so editing one list of the file
     leaves the phrasings of every other word as they were."""
@@ -115,7 +116,12 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
                 pairs += fill(refusals, 2, NULL_KEY, adjective, adj=adjective)
         for noun in words["nouns"]:
             verb = random.Random(f"{seed}:spare-verb:{noun}").choice(task_verbs)
-            pairs += fill("spare", 2, NULL_KEY, noun, noun=noun, verb=verb)
+            pairs += fill("spare", 3, NULL_KEY, noun, noun=noun, verb=verb)
+        # the task by name, asked for and refused: "desnow it" / "don't desnow it", "haze removal please" / "no dehazing"
+        for name in words.get("names", ()):
+            pairs += fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name)
+        for fix in words.get("fixes", ()):
+            pairs += fill("want", 2, task, fix, fix=fix) + fill("skip", 2, NULL_KEY, fix, fix=fix)
     for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
         pairs += [(template.format(adj=adjective), NULL_KEY) for template in templates["inverse"]]
     edits = vocabulary.get("edits", {})
