@@ -4,7 +4,7 @@
 
 By default it scores the five held-out sets: tests/data/selector_heldout.jsonl (335 cases),
 tests/data/selector_heldout_v2.jsonl (151 cases, written later; it chose the training step count and its
-errors were looked at for the last corpus change),
+errors were looked at for later corpus changes),
 tests/data/selector_heldout_v3.jsonl (200 cases, written before the token-level heads),
 tests/data/selector_heldout_v4.jsonl (302 cases, written before the face-edit and negation corpus
 work) and tests/data/selector_heldout_v5.jsonl (300 cases, written before the work on a separate dev

@@ -117,7 +117,7 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
         for noun in words["nouns"]:
             verb = random.Random(f"{seed}:spare-verb:{noun}").choice(task_verbs)
             pairs += fill("spare", 3, NULL_KEY, noun, noun=noun, verb=verb)
-        # the task by name, asked for and refused: "desnow it" / "don't desnow it", "haze removal please" / "no dehazing"
+        # the task by name, asked for and refused: "de-snow it" / "do not desnow the photo", "snow removal please" / "no dehazing"
         for name in words.get("names", ()):
             pairs += fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name)
         for fix in words.get("fixes", ()):
