@@ -33,7 +33,7 @@ TARGETS = {"single": 0.99, "multi": 0.97, "single+unsupported": 0.90, "none": 0.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", action="append", help="held-out JSONL (repeatable; default: the five held-out sets and the dev set)")
+    parser.add_argument("--cases", action="append", help="held-out JSONL (repeatable; default: the six held-out sets and the dev set)")
     parser.add_argument("--heads", help="heads file (default: the shipped ones)")
     parser.add_argument("--train", action="store_true", help="also time training the heads from scratch")
     args = parser.parse_args()
@@ -45,7 +45,7 @@ def main() -> None:
     selector.raw_scores("warm up")
     print(f"load_s: {load_s:.3f}")
     summary = {"load_s": round(load_s, 3)}
-    default = [DATA / f"selector_heldout{suffix}.jsonl" for suffix in ("", "_v2", "_v3", "_v4", "_v5")] + [DATA / "selector_dev.jsonl"]
+    default = [DATA / f"selector_heldout{suffix}.jsonl" for suffix in ("", "_v2", "_v3", "_v4", "_v5", "_v6")] + [DATA / "selector_dev.jsonl"]
     for path in args.cases or map(str, default):
         summary[Path(path).stem] = report_cases(path, selector, tasks)
     if args.train:
