@@ -2,13 +2,14 @@
 
     python bench/bench_selector.py [--cases FILE.jsonl ...] [--heads FILE] [--train]
 
-By default it scores the five held-out sets: tests/data/selector_heldout.jsonl (335 cases),
+By default it scores the six held-out sets: tests/data/selector_heldout.jsonl (335 cases),
 tests/data/selector_heldout_v2.jsonl (151 cases, written later; it chose the training step count and its
 errors were looked at for later corpus changes),
 tests/data/selector_heldout_v3.jsonl (200 cases, written before the token-level heads),
 tests/data/selector_heldout_v4.jsonl (302 cases, written before the face-edit and negation corpus
-work) and tests/data/selector_heldout_v5.jsonl (300 cases, written before the work on a separate dev
-set). None of v3, v4, v5 was used to choose anything. Then tests/data/selector_dev.jsonl (150
+work), tests/data/selector_heldout_v5.jsonl (300 cases, written before the work on a separate dev
+set) and tests/data/selector_heldout_v6.jsonl (300 cases, written before any later corpus work).
+None of v3 to v6 was used to choose anything. Then tests/data/selector_dev.jsonl (150
 cases, written with v5 to be tuned on: its errors guide corpus changes).
 
 Also reports how many held-out clauses appear word for word in the training corpus, and ZTA on
