@@ -45,6 +45,7 @@ HELDOUT_V3 = Path(__file__).parent / "data/selector_heldout_v3.jsonl"  # written
 HELDOUT_V4 = Path(__file__).parent / "data/selector_heldout_v4.jsonl"  # 302 cases, written before the face/negation corpus work, never tuned on
 HELDOUT_V5 = Path(__file__).parent / "data/selector_heldout_v5.jsonl"  # 300 cases, written before the dev-set corpus work, never tuned on
 HELDOUT_V6 = Path(__file__).parent / "data/selector_heldout_v6.jsonl"  # 300 cases, written before the next corpus work, never tuned on
+HELDOUT_V7 = Path(__file__).parent / "data/selector_heldout_v7.jsonl"  # 300 cases, written before the selector ensemble, never tuned on
 DEV = Path(__file__).parent / "data/selector_dev.jsonl"  # 150 cases written with v5, whose errors guide corpus changes
 
 
@@ -193,7 +194,7 @@ def test_tuned_layer_starts_as_the_encoders_top_layer_and_round_trips(tmp_path):
         assert reloaded.raw_scores(text) == selector.raw_scores(text)
 
 
-@pytest.mark.parametrize("path, size", [(HELDOUT, 300), (HELDOUT_V2, 150), (HELDOUT_V3, 200), (HELDOUT_V4, 300), (HELDOUT_V5, 300), (HELDOUT_V6, 300), (DEV, 150)])
+@pytest.mark.parametrize("path, size", [(HELDOUT, 300), (HELDOUT_V2, 150), (HELDOUT_V3, 200), (HELDOUT_V4, 300), (HELDOUT_V5, 300), (HELDOUT_V6, 300), (HELDOUT_V7, 300), (DEV, 150)])
 def test_held_out_cases_are_not_training_texts(path, size):
     training = {text.lower() for text in load_corpus().texts}
     cases = read_cases(path)
