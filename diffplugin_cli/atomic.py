@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 TMP_MARK = ".diffplugin-tmp"
+_UMASK = os.umask(0o022)  # read once at import, before any worker thread creates files
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -16,12 +18,16 @@ def atomic_path(target: str | os.PathLike):
     """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds.
 
     The temporary name starts with a dot (skipped by the input walk) and carries TMP_MARK,
-    so a later run can sweep what a killed run left behind.
+    so a later run can sweep what a killed run left behind. The file gets the mode a plain
+    `open` would give it (the replaced file's, else 0o666 minus the umask), whatever its writer
+    chose: safetensors >= 0.8 creates its files 0o600, unreadable to other users.
     """
     target = Path(target)
     tmp = target.with_name(f".{target.name}.{os.getpid()}{TMP_MARK}{target.suffix}")
     try:
         yield tmp
+        mode = target.stat().st_mode if target.exists() else 0o666 & ~_UMASK
+        os.chmod(tmp, mode & 0o7777)
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):

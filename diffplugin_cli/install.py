@@ -181,7 +181,8 @@ def _convert_selector(path: Path, stage: Path) -> Path:
     source = path / "PromptTunner.pt" if path.is_dir() else path
     heads = load_prompt_tuner(source)
     out = stage / "reference.safetensors"
-    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(out), metadata={"format": "diffplugin-selector"})
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp), metadata={"format": "diffplugin-selector"})
     return out
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import stat
 import tarfile
 import threading
 import zipfile
@@ -122,6 +123,11 @@ def test_all_installs_plugins_and_selector_heads(tmp_path, home, server):
     heads = load_prompt_tuner(installed_selector())
     raw = torch.load(CONFORMANCE / "selector/PromptTunner.pt", weights_only=True)["model"]
     assert torch.equal(heads.proj_v.weight, raw["proj_v.weight"])
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    installed_files = sorted(home.rglob("*.safetensors"))
+    assert len(installed_files) == 3  # readable by whoever reads the plain file (safetensors alone writes 0o600)
+    assert {stat.S_IMODE(path.stat().st_mode) for path in installed_files} == {stat.S_IMODE(plain.stat().st_mode)}
 
 
 def test_resume_after_a_dropped_connection(tmp_path, home, server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -46,6 +47,18 @@ def test_convert_round_trip_is_bit_exact(tmp_path, name):
         metadata = handle.metadata()
     assert metadata["format"] == "diffplugin-plugin" and metadata["name"] == name and metadata["task"] == name
     assert metadata["version"].startswith("diffplugin ")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """safetensors creates its files 0o600; ours get what `open` gives, and an overwrite keeps the old mode."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    single = convert_plugin(PLUGINS / "desnow", tmp_path / "desnow.safetensors", task="desnow")
+    assert stat.S_IMODE(single.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    single.chmod(0o640)
+    convert_plugin(PLUGINS / "desnow", single, task="desnow")
+    assert stat.S_IMODE(single.stat().st_mode) == 0o640
 
 
 def test_single_file_plugin_keeps_init_and_gives_the_same_prompt(tmp_path, pipeline):
