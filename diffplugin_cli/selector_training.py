@@ -139,6 +139,9 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
 
 
+SHIPPED_MEMBERS = 3  # training runs (seeds 0, 1, 2) averaged in the shipped text heads
+
+
 @dataclass
 class TrainConfig:
     steps: int = 800

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from diffplugin_cli import RunOptions, run
 from diffplugin_cli.cli import app
-from diffplugin_cli.selection import SelectRequest, open_selector
+from diffplugin_cli.selection import SelectRequest, open_selector, train_text_heads_file
 from diffplugin_cli.selector import (
     NULL_KEY,
     PromptTuner,
@@ -24,6 +24,7 @@ from diffplugin_cli.selector import (
     SentenceEncoder,
     TextSelector,
     clauses,
+    load_text_heads,
     save_heads,
 )
 from diffplugin_cli.selector_eval import evaluate, metrics, read_cases
@@ -194,6 +195,48 @@ def test_tuned_layer_starts_as_the_encoders_top_layer_and_round_trips(tmp_path):
         assert reloaded.raw_scores(text) == selector.raw_scores(text)
 
 
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    """The first 20 phrasings of three labels: enough to train a few steps quickly."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("desnow", "lowlight", "none"):
+        (corpus / f"{name}.txt").write_text("\n".join((packaged_corpus() / f"{name}.txt").read_text().splitlines()[:20]))
+    return corpus
+
+
+def test_an_ensemble_averages_its_members_and_round_trips(tmp_path, small_corpus):
+    """Several heads score a clause by their mean, and one file holds them all."""
+    encoder = SentenceEncoder()
+    corpus = load_corpus(small_corpus)
+    members = [train_text_selector(corpus, encoder, TrainConfig(steps=3, batch_size=4, seed=seed)) for seed in (0, 1)]
+    ensemble = TextSelector(members, encoder)
+    text = "remove the snow"  # one clause: its scores are the instruction's
+    per_member = torch.stack([member(*encoder.token_states([text], below_top=1))[0] for member in members])
+    mean = dict(zip(ensemble.labels, per_member.mean(0).tolist()))
+    raw = ensemble.raw_scores(text)
+    assert raw[NULL_KEY] == pytest.approx(mean[NULL_KEY], abs=1e-6)
+    assert all(raw[label] == pytest.approx(mean[label] if mean[label] > mean[NULL_KEY] else 0.0, abs=1e-6)
+               for label in ensemble.labels if label != NULL_KEY)
+    assert raw != TextSelector(members[0], encoder).raw_scores(text) != TextSelector(members[1], encoder).raw_scores(text)
+    reloaded = TextSelector.from_file(save_heads(members, tmp_path / "ensemble.safetensors"), encoder)
+    for text in ("remove the snow", "brighten it but keep the fog", "make it a cartoon"):
+        assert reloaded.raw_scores(text) == ensemble.raw_scores(text)
+
+
+def test_training_an_ensemble_is_training_each_seed_alone(tmp_path, small_corpus):
+    """`--members 2 --seed 0` holds exactly the heads of `--members 1 --seed 0` and `--members 1 --seed 1`."""
+    settings = {"corpus": small_corpus, "steps": 2, "batch_size": 4}
+    pair = load_text_heads(train_text_heads_file(tmp_path / "pair.safetensors", members=2, **settings))
+    alone = [load_text_heads(train_text_heads_file(tmp_path / f"seed{seed}.safetensors", members=1, seed=seed, **settings))
+             for seed in (0, 1)]
+    assert [len(heads) for heads in (pair, *alone)] == [2, 1, 1]
+    for member, [single] in zip(pair, alone):
+        assert member.state_dict().keys() == single.state_dict().keys()
+        assert all(torch.equal(value, single.state_dict()[key]) for key, value in member.state_dict().items())
+    assert not torch.equal(pair[0].label_keys, pair[1].label_keys)
+
+
 @pytest.mark.parametrize("path, size", [(HELDOUT, 300), (HELDOUT_V2, 150), (HELDOUT_V3, 200), (HELDOUT_V4, 300), (HELDOUT_V5, 300), (HELDOUT_V6, 300), (HELDOUT_V7, 300), (DEV, 150)])
 def test_held_out_cases_are_not_training_texts(path, size):
     training = {text.lower() for text in load_corpus().texts}
@@ -247,6 +290,8 @@ def test_train_reference_selector_learns_from_plugin_features(tmp_path):
             "--clip-model", CLIP, "--out", str(trained)]
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2 and "needs --images" in missing.stderr
+    ensemble = CliRunner().invoke(app, [*args, "--members", "2"])
+    assert ensemble.exit_code == 2 and "--members" in ensemble.stderr
     result = CliRunner().invoke(app, [*args, "--images", str(images), "--steps", "150"])
     assert result.exit_code == 0, result.output
     torch.manual_seed(0)  # the initialisation training starts from
