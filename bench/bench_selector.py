@@ -10,7 +10,8 @@ tests/data/selector_heldout_v4.jsonl (302 cases, written before the face-edit an
 work), tests/data/selector_heldout_v5.jsonl (300 cases, written before the work on a separate dev
 set), tests/data/selector_heldout_v6.jsonl (300 cases, written before any later corpus work) and
 tests/data/selector_heldout_v7.jsonl (300 cases, written before the ensemble of heads).
-None of v3 to v7 was used to choose anything. Then tests/data/selector_dev.jsonl (150
+Their errors were never looked at; v3 to v7 together made one choice (the ensemble of training
+runs over a single one, see README). Then tests/data/selector_dev.jsonl (150
 cases, written with v5 to be tuned on: its errors guide corpus changes).
 
 Also reports how many held-out clauses appear word for word in the training corpus, and ZTA on
