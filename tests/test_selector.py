@@ -195,20 +195,18 @@ def test_tuned_layer_starts_as_the_encoders_top_layer_and_round_trips(tmp_path):
         assert reloaded.raw_scores(text) == selector.raw_scores(text)
 
 
-@pytest.fixture
-def small_corpus(tmp_path) -> Path:
-    """The first 20 phrasings of three labels: enough to train a few steps quickly."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
+def small_corpus(folder: Path, lines: int = 20) -> Path:
+    """A corpus folder with the first `lines` phrasings of desnow, lowlight and none: training on it is quick."""
+    folder.mkdir()
     for name in ("desnow", "lowlight", "none"):
-        (corpus / f"{name}.txt").write_text("\n".join((packaged_corpus() / f"{name}.txt").read_text().splitlines()[:20]))
-    return corpus
+        (folder / f"{name}.txt").write_text("\n".join((packaged_corpus() / f"{name}.txt").read_text().splitlines()[:lines]))
+    return folder
 
 
-def test_an_ensemble_averages_its_members_and_round_trips(tmp_path, small_corpus):
+def test_an_ensemble_averages_its_members_and_round_trips(tmp_path):
     """Several heads score a clause by their mean, and one file holds them all."""
     encoder = SentenceEncoder()
-    corpus = load_corpus(small_corpus)
+    corpus = load_corpus(small_corpus(tmp_path / "corpus"))
     members = [train_text_selector(corpus, encoder, TrainConfig(steps=3, batch_size=4, seed=seed)) for seed in (0, 1)]
     ensemble = TextSelector(members, encoder)
     text = "remove the snow"  # one clause: its scores are the instruction's
@@ -224,9 +222,9 @@ def test_an_ensemble_averages_its_members_and_round_trips(tmp_path, small_corpus
         assert reloaded.raw_scores(text) == ensemble.raw_scores(text)
 
 
-def test_training_an_ensemble_is_training_each_seed_alone(tmp_path, small_corpus):
+def test_training_an_ensemble_is_training_each_seed_alone(tmp_path):
     """`--members 2 --seed 0` holds exactly the heads of `--members 1 --seed 0` and `--members 1 --seed 1`."""
-    settings = {"corpus": small_corpus, "steps": 2, "batch_size": 4}
+    settings = {"corpus": small_corpus(tmp_path / "corpus"), "steps": 2, "batch_size": 4}
     pair = load_text_heads(train_text_heads_file(tmp_path / "pair.safetensors", members=2, **settings))
     alone = [load_text_heads(train_text_heads_file(tmp_path / f"seed{seed}.safetensors", members=1, seed=seed, **settings))
              for seed in (0, 1)]
@@ -277,10 +275,7 @@ def test_train_reference_selector_learns_from_plugin_features(tmp_path):
     """`train selector --selector reference`: the authors' heads trained as the paper, with the
     installed plugins' F^p of a folder of images as keys. Trained heads select the right plugin (or
     none) for most corpus texts; freshly initialised ones (what training starts from) do not."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for name in ("desnow", "lowlight", "none"):  # the first 40 phrasings of each keep the test fast
-        (corpus / f"{name}.txt").write_text("\n".join((packaged_corpus() / f"{name}.txt").read_text().splitlines()[:40]))
+    corpus = small_corpus(tmp_path / "corpus", lines=40)
     images = tmp_path / "images"
     images.mkdir()
     for path in (CONFORMANCE / "inputs").glob("*.png"):
