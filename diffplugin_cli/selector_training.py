@@ -240,6 +240,8 @@ def train_text_selector(
 
     The encoder's layers below the `tuned_layers` copies stay frozen, so their token states are
     computed once; each step runs only the copies, pooling and MLP over the texts it samples."""
+    if encoder.dropped:
+        raise ValueError("training the text selector needs the whole sentence encoder (its top layers start the tuned copies)")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     names = sorted(set(corpus.labels) - {NULL_KEY}) + [NULL_KEY]

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from diffplugin_cli import RunOptions, run
 from diffplugin_cli.cli import app
+from diffplugin_cli.errors import DiffPluginError
 from diffplugin_cli.selection import SelectRequest, open_selector, train_text_heads_file
 from diffplugin_cli.selector import (
     NULL_KEY,
@@ -194,6 +195,20 @@ def test_tuned_layer_starts_as_the_encoders_top_layer_and_round_trips(tmp_path):
     selector, reloaded = TextSelector(trained, encoder), TextSelector.from_file(path, encoder)
     for text in texts:
         assert reloaded.raw_scores(text) == selector.raw_scores(text)
+
+
+def test_the_selector_skips_the_encoder_layer_its_heads_replace(text_selector):
+    """The shipped selector loads the encoder without its top layer (the heads hold tuned copies of
+    it): same scores, bit for bit, as with the whole encoder, one layer fewer per instruction."""
+    assert text_selector.encoder.dropped == 1
+    assert len(text_selector.encoder.model.encoder.layer) == 5
+    whole = TextSelector(text_selector.members, SentenceEncoder())
+    for text in ("remove the snow and brighten", "derain without dehazing", "make it a painting", "é" * 300):
+        assert text_selector.raw_scores(text) == whole.raw_scores(text)
+    with pytest.raises(DiffPluginError, match="without its top 1 layers"):
+        text_selector.encoder.token_states(["x"], below_top=0)
+    with pytest.raises(ValueError, match="whole sentence encoder"):
+        train_text_selector(load_corpus(variants=0), text_selector.encoder, TrainConfig(steps=0))
 
 
 def small_corpus(folder: Path, lines: int = 20) -> Path:
