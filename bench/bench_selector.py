@@ -12,8 +12,9 @@ set), tests/data/selector_heldout_v6.jsonl (300 cases, written before any later 
 tests/data/selector_heldout_v7.jsonl (300 cases, written before the ensemble of heads) and
 tests/data/selector_heldout_v8.jsonl (300 cases, written after the ensemble shipped).
 Their errors were never looked at; v3 to v7 together made one choice (the ensemble of training
-runs over a single one) and v8 one more (against more inverse requests in the corpus), see README. Then tests/data/selector_dev.jsonl (150
-cases, written with v5 to be tuned on: its errors guide corpus changes).
+runs over a single one) and v8 one more (against more inverse requests in the corpus), see
+README. Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors
+guide corpus changes).
 
 Also reports how many held-out clauses appear word for word in the training corpus, and ZTA on
 the held-out cases none of whose clauses does, so that overlap cannot flatter the figures.
