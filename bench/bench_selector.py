@@ -15,8 +15,9 @@ tests/data/selector_heldout_v9.jsonl (300 cases, written after v8 made its choic
 tests/data/selector_heldout_v10.jsonl (300 cases, written after v9 made its choice).
 Their errors were never looked at; v3 to v7 together made one choice (the ensemble of training
 runs over a single one), v8, v9 and v10 one more each (against more inverse requests in the
-corpus, 1600 training steps, and two tuned encoder layers), see README. Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors
-guide corpus changes).
+corpus, 1600 training steps, and two tuned encoder layers), see README. Then
+tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide
+corpus changes).
 
 Also reports how many held-out clauses appear word for word in the training corpus, and ZTA on
 the held-out cases none of whose clauses does, so that overlap cannot flatter the figures.
