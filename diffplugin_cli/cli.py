@@ -251,8 +251,9 @@ def train_selector(
     temperature: float = typer.Option(0.07, help="Temperature tau of the contrastive loss."),
     batch_size: int = typer.Option(32, help="Anchors per step."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate of the heads (text: pooling MLP and keys)."),
-    tuned_layers: int = typer.Option(1, help="Text: top layers of the sentence encoder fine-tuned as part of the heads (0: frozen encoder)."),
+    tuned_layers: int = typer.Option(2, help="Text: top layers of the sentence encoder fine-tuned as part of the heads (0: frozen encoder)."),
     tuned_lr: float = typer.Option(5e-5, help="Text: AdamW learning rate of the fine-tuned encoder layers."),
+    null_margin: float = typer.Option(1.0, help="Text: how far a task must score above a clause's null to count for it (stored in the heads; 0: the authors' rule)."),
     seed: int = typer.Option(0, help="Seed of sampling and initialisation."),
     members: Optional[int] = typer.Option(None, help="Text: train this many heads, with seeds SEED, SEED+1, ..., and average their scores (default: as many as the shipped heads; 1: a single run)."),
     plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Reference: folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
@@ -268,7 +269,7 @@ def train_selector(
     try:
         if selector == "text":
             written = train_text_heads_file(out, corpus, log=log, members=members, tuned_layers=tuned_layers, tuned_lr=tuned_lr,
-                                            **settings)
+                                            null_margin=null_margin, **settings)
         elif selector == "reference":
             if members not in (None, 1):
                 raise DiffPluginError("--members: the reference selector's heads are one set, as the authors'")

@@ -116,7 +116,8 @@ def train_reference_heads_file(out: str | os.PathLike, images: str | os.PathLike
     from .selector import load_base_text_encoder, plugin_key, pooled_text
     from .selector_training import train_reference_selector
 
-    settings = TrainConfig(**config, tuned_layers=0)  # no encoder of the reference selector is tuned (recorded in provenance)
+    # The reference selector tunes no encoder and gates at null as the authors (recorded in provenance).
+    settings = TrainConfig(**config, tuned_layers=0, null_margin=0.0)
     registry = Registry.load(request.registry)
     dirs = plugin_search_path(request.plugin_dirs)
     installed = sorted(discover_plugins(dirs))

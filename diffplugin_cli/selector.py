@@ -99,11 +99,13 @@ class TextSelectorHeads(ModelMixin, ConfigMixin):
     over the tokens can learn the difference), mean pooling, a residual MLP, and one learned key per label. The MLP's output layer
     starts at zero and the copied layers start at the encoder's own weights, so training starts
     from the sentence encoder's semantic space (keys at each label's mean embedding) and refines it.
+    `null_margin` is how far a task must score above a clause's `null` to count for that clause
+    (it only gates scores, training does not use it; files without it gate at 0).
     """
 
     @register_to_config
     def __init__(self, labels: tuple[str, ...] = (), text_dim: int = 384, hidden_dim: int = 512, dropout: float = 0.1,
-                 tuned_layers: int = 0, encoder_config: dict | None = None):
+                 tuned_layers: int = 0, encoder_config: dict | None = None, null_margin: float = 0.0):
         super().__init__()
         from transformers import BertConfig
         from transformers.models.bert.modeling_bert import BertLayer
@@ -191,8 +193,8 @@ class TextSelector:
 
     def __init__(self, heads: TextSelectorHeads | Sequence[TextSelectorHeads], encoder: SentenceEncoder | None = None):
         self.members = [member.eval() for member in ([heads] if isinstance(heads, TextSelectorHeads) else heads)]
-        if len({(tuple(m.config.labels), m.config.tuned_layers) for m in self.members}) != 1:
-            raise DiffPluginError("the heads of an ensemble must share their labels and tuned layers")
+        if len({(tuple(m.config.labels), m.config.tuned_layers, m.config.null_margin) for m in self.members}) != 1:
+            raise DiffPluginError("the heads of an ensemble must share their labels, tuned layers and null margin")
         self.encoder = encoder or SentenceEncoder(drop_top=self.members[0].config.tuned_layers)
         self.labels = list(self.members[0].config.labels)
 
@@ -207,15 +209,15 @@ class TextSelector:
 
         With several heads (an ensemble of training runs) a clause's scores are their mean. In
         each clause `null` competes with the tasks, as in the authors' selector: a task counts for
-        a clause only if it scores above that clause's null, so "... without changing the face"
-        adds nothing for `face`.
+        a clause only if it scores above that clause's null by more than the heads' `null_margin`,
+        so "... without changing the face" adds nothing for `face`.
         """
         if not instruction.strip():
             return {label: (1.0 if label == NULL_KEY else 0.0) for label in self.labels}
         states = self.encoder.token_states(clauses(instruction), self.members[0].config.tuned_layers)
         per_clause = torch.stack([member(*states) for member in self.members]).mean(dim=0)
         null = per_clause[:, self.labels.index(NULL_KEY)].unsqueeze(1)
-        gated = torch.where(per_clause > null, per_clause, torch.zeros_like(per_clause))
+        gated = torch.where(per_clause > null + self.members[0].config.null_margin, per_clause, torch.zeros_like(per_clause))
         gated[:, self.labels.index(NULL_KEY)] = null[:, 0]
         return dict(zip(self.labels, gated.max(dim=0).values.tolist()))
 

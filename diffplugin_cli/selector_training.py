@@ -149,10 +149,11 @@ class TrainConfig:
     negatives: int = 7
     temperature: float = 0.07
     lr: float = 1e-3
-    tuned_layers: int = 1
+    tuned_layers: int = 2
     tuned_lr: float = 5e-5
     weight_decay: float = 0.01
     calibration_weight: float = 1.0
+    null_margin: float = 1.0  # written into the text heads; gates scores, not used in training
     seed: int = 0
 
 
@@ -249,7 +250,7 @@ def train_text_selector(
     targets, by_label = label_index(corpus, names)
     encoder_config = {key: getattr(encoder.model.config, key) for key in LAYER_CONFIG_KEYS} if config.tuned_layers else None
     heads = TextSelectorHeads(labels=tuple(names), text_dim=encoder.model.config.hidden_size, tuned_layers=config.tuned_layers,
-                              encoder_config=encoder_config)
+                              encoder_config=encoder_config, null_margin=config.null_margin)
     layers = encoder.model.encoder.layer
     for copy, layer in zip(heads.top, layers[len(layers) - config.tuned_layers:]):
         copy.load_state_dict(layer.state_dict())

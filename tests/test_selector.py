@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -24,6 +25,7 @@ from diffplugin_cli.selector import (
     ReferenceSelector,
     SentenceEncoder,
     TextSelector,
+    TextSelectorHeads,
     clauses,
     load_text_heads,
     save_heads,
@@ -171,7 +173,9 @@ def test_training_on_a_small_corpus_raises_held_out_zta():
     encoder = SentenceEncoder()
     corpus = load_corpus(variants=0)
     cases = read_cases(HELDOUT)
-    small = TrainConfig(batch_size=8)  # a fine-tuned top layer, as shipped, on fewer texts per step
+    # Fine-tuned top layers, as shipped, on fewer texts per step; gated at null itself (margin 0), so
+    # that the untrained heads cannot pass for "none" by the margin alone.
+    small = TrainConfig(batch_size=8, null_margin=0.0)
     untrained = train_text_selector(corpus, encoder, replace(small, steps=0))
     trained = train_text_selector(corpus, encoder, replace(small, steps=100))
     tasks = [label for label in trained.config.labels if label != NULL_KEY]
@@ -180,8 +184,8 @@ def test_training_on_a_small_corpus_raises_held_out_zta():
     assert after > before + 0.3, (before, after)
 
 
-def test_tuned_layer_starts_as_the_encoders_top_layer_and_round_trips(tmp_path):
-    """Untrained, the copied top layer reproduces the frozen encoder's mean-pooled embeddings; trained
+def test_tuned_layers_start_as_the_encoders_top_layers_and_round_trip(tmp_path):
+    """Untrained, the copied top layers reproduce the frozen encoder's mean-pooled embeddings; trained
     weights survive save/load, so the shipped file alone (plus the packaged encoder) gives the scores."""
     encoder = SentenceEncoder()
     corpus = load_corpus(variants=0)
@@ -190,25 +194,26 @@ def test_tuned_layer_starts_as_the_encoders_top_layer_and_round_trips(tmp_path):
     states, mask = encoder.token_states(texts)
     weights = mask.unsqueeze(-1).float()
     frozen = torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=-1)
-    assert (untrained.pooled(*encoder.token_states(texts, below_top=1)) - frozen).abs().max() <= 1e-5
+    assert untrained.config.tuned_layers == 2
+    assert (untrained.pooled(*encoder.token_states(texts, below_top=2)) - frozen).abs().max() <= 1e-5
 
     trained = train_text_selector(corpus, encoder, TrainConfig(steps=3, batch_size=4))
-    assert not torch.equal(trained.top[0].output.dense.weight, encoder.model.encoder.layer[-1].output.dense.weight)
+    assert not torch.equal(trained.top[-1].output.dense.weight, encoder.model.encoder.layer[-1].output.dense.weight)
     path = save_heads(trained, tmp_path / "heads.safetensors")
     selector, reloaded = TextSelector(trained, encoder), TextSelector.from_file(path, encoder)
     for text in texts:
         assert reloaded.raw_scores(text) == selector.raw_scores(text)
 
 
-def test_the_selector_skips_the_encoder_layer_its_heads_replace(text_selector):
-    """The shipped selector loads the encoder without its top layer (the heads hold tuned copies of
-    it): same scores, bit for bit, as with the whole encoder, one layer fewer per instruction."""
-    assert text_selector.encoder.dropped == 1
-    assert len(text_selector.encoder.model.encoder.layer) == 5
+def test_the_selector_skips_the_encoder_layers_its_heads_replace(text_selector):
+    """The shipped selector loads the encoder without its top two layers (the heads hold tuned copies
+    of them): same scores, bit for bit, as with the whole encoder, two layers fewer per instruction."""
+    assert text_selector.encoder.dropped == 2
+    assert len(text_selector.encoder.model.encoder.layer) == 4
     whole = TextSelector(text_selector.members, SentenceEncoder())
     for text in ("remove the snow and brighten", "derain without dehazing", "make it a painting", "é" * 300):
         assert text_selector.raw_scores(text) == whole.raw_scores(text)
-    with pytest.raises(DiffPluginError, match="without its top 1 layers"):
+    with pytest.raises(DiffPluginError, match="without its top 2 layers"):
         text_selector.encoder.token_states(["x"], below_top=0)
     with pytest.raises(ValueError, match="whole sentence encoder"):
         train_text_selector(load_corpus(variants=0), text_selector.encoder, TrainConfig(steps=0))
@@ -229,16 +234,44 @@ def test_an_ensemble_averages_its_members_and_round_trips(tmp_path):
     members = [train_text_selector(corpus, encoder, TrainConfig(steps=3, batch_size=4, seed=seed)) for seed in (0, 1)]
     ensemble = TextSelector(members, encoder)
     text = "remove the snow"  # one clause: its scores are the instruction's
-    per_member = torch.stack([member(*encoder.token_states([text], below_top=1))[0] for member in members])
+    per_member = torch.stack([member(*encoder.token_states([text], below_top=2))[0] for member in members])
     mean = dict(zip(ensemble.labels, per_member.mean(0).tolist()))
     raw = ensemble.raw_scores(text)
     assert raw[NULL_KEY] == pytest.approx(mean[NULL_KEY], abs=1e-6)
-    assert all(raw[label] == pytest.approx(mean[label] if mean[label] > mean[NULL_KEY] else 0.0, abs=1e-6)
+    assert all(raw[label] == pytest.approx(mean[label] if mean[label] > mean[NULL_KEY] + 1.0 else 0.0, abs=1e-6)
                for label in ensemble.labels if label != NULL_KEY)
     assert raw != TextSelector(members[0], encoder).raw_scores(text) != TextSelector(members[1], encoder).raw_scores(text)
     reloaded = TextSelector.from_file(save_heads(members, tmp_path / "ensemble.safetensors"), encoder)
     for text in ("remove the snow", "brighten it but keep the fog", "make it a cartoon"):
         assert reloaded.raw_scores(text) == ensemble.raw_scores(text)
+
+
+def test_null_margin_gates_clause_scores(text_selector):
+    """A task counts for a clause only when it beats that clause's null by more than the heads'
+    null margin (1.0 in the shipped heads and `train selector`'s default; 0 is the authors' rule)."""
+    assert text_selector.members[0].config.null_margin == 1.0
+    text = "remove the snow but keep the fog"
+    states = text_selector.encoder.token_states(clauses(text), 2)
+    per_clause = torch.stack([member(*states) for member in text_selector.members]).mean(0)
+    null = per_clause[:, text_selector.labels.index(NULL_KEY)]
+
+    def with_margin(margin: float) -> TextSelector:
+        members = []
+        for member in text_selector.members:
+            heads = TextSelectorHeads(**{k: v for k, v in member.config.items() if not k.startswith("_")} | {"null_margin": margin})
+            heads.load_state_dict(member.state_dict())
+            members.append(heads)
+        return TextSelector(members, text_selector.encoder)
+
+    for margin in (0.0, 1.0, 100.0):
+        raw = with_margin(margin).raw_scores(text)
+        for j, label in enumerate(text_selector.labels):
+            if label != NULL_KEY:
+                gated = torch.where(per_clause[:, j] > null + margin, per_clause[:, j], 0.0)  # 0 where it fails
+                expected = gated.max().item()
+                assert raw[label] == pytest.approx(expected, abs=1e-5), (margin, label)
+    assert with_margin(100.0).select(text, ["desnow", "dehaze"]).is_none
+    assert with_margin(0.0).select(text, ["desnow", "dehaze"]).selected == ["desnow"]
 
 
 def test_training_an_ensemble_is_training_each_seed_alone(tmp_path):
@@ -405,7 +438,9 @@ def test_shipped_text_heads_are_reproduced_by_the_documented_command(tmp_path):
 
     result = CliRunner().invoke(app, ["train", "selector", "--out", str(tmp_path / "heads.safetensors")])
     assert result.exit_code == 0, result.output
-    shipped = load_file(str(resources.files("diffplugin_cli") / "text_selector.safetensors"))
-    retrained = load_file(tmp_path / "heads.safetensors")
+    shipped_path = resources.files("diffplugin_cli") / "text_selector.safetensors"
+    shipped, retrained = load_file(str(shipped_path)), load_file(tmp_path / "heads.safetensors")
     assert shipped.keys() == retrained.keys()
     assert all(torch.equal(shipped[k], retrained[k]) for k in shipped)
+    with safe_open(str(shipped_path), framework="pt") as a, safe_open(str(tmp_path / "heads.safetensors"), framework="pt") as b:
+        assert a.metadata() == b.metadata()  # config (tuned layers, null margin) and provenance
