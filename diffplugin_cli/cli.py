@@ -253,7 +253,7 @@ def train_selector(
     lr: float = typer.Option(1e-3, help="AdamW learning rate of the heads (text: pooling MLP and keys)."),
     tuned_layers: int = typer.Option(2, help="Text: top layers of the sentence encoder fine-tuned as part of the heads (0: frozen encoder)."),
     tuned_lr: float = typer.Option(5e-5, help="Text: AdamW learning rate of the fine-tuned encoder layers."),
-    null_margin: float = typer.Option(1.0, help="Text: how far a task must score above a clause's null to count for it (stored in the heads; 0: the authors' rule)."),
+    null_margin: Optional[float] = typer.Option(None, help="Text: how far a task must score above a clause's null to count for it (stored in the heads; default 1.0; 0: the authors' rule)."),
     seed: int = typer.Option(0, help="Seed of sampling and initialisation."),
     members: Optional[int] = typer.Option(None, help="Text: train this many heads, with seeds SEED, SEED+1, ..., and average their scores (default: as many as the shipped heads; 1: a single run)."),
     plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Reference: folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
@@ -269,10 +269,12 @@ def train_selector(
     try:
         if selector == "text":
             written = train_text_heads_file(out, corpus, log=log, members=members, tuned_layers=tuned_layers, tuned_lr=tuned_lr,
-                                            null_margin=null_margin, **settings)
+                                            **settings | ({} if null_margin is None else {"null_margin": null_margin}))
         elif selector == "reference":
             if members not in (None, 1):
                 raise DiffPluginError("--members: the reference selector's heads are one set, as the authors'")
+            if null_margin is not None:
+                raise DiffPluginError("--null-margin: the reference selector gates at null, as the authors'")
             if images is None:
                 raise DiffPluginError("--selector reference needs --images DIR (the plugins' F^p of those images are its keys)")
             request = SelectRequest("reference", plugin_dirs=plugin_dir, base_model=base_model, clip_model=clip_model, registry=registry)

@@ -274,6 +274,17 @@ def test_null_margin_gates_clause_scores(text_selector):
     assert with_margin(0.0).select(text, ["desnow", "dehaze"]).selected == ["desnow"]
 
 
+def test_train_selector_cli_stores_the_null_margin(tmp_path):
+    """`train selector --null-margin M` writes M into the heads; without it, the default 1.0."""
+    corpus = small_corpus(tmp_path / "corpus")
+    for flag, expected in (([], 1.0), (["--null-margin", "0.5"], 0.5)):
+        out = tmp_path / f"heads{expected}.safetensors"
+        result = CliRunner().invoke(app, ["train", "selector", "--corpus", str(corpus), "--steps", "2", "--batch-size", "4",
+                                          "--members", "1", "--out", str(out), *flag])
+        assert result.exit_code == 0, result.output
+        assert [heads.config.null_margin for heads in load_text_heads(out)] == [expected]
+
+
 def test_training_an_ensemble_is_training_each_seed_alone(tmp_path):
     """`--members 2 --seed 0` holds exactly the heads of `--members 1 --seed 0` and `--members 1 --seed 1`."""
     settings = {"corpus": small_corpus(tmp_path / "corpus"), "steps": 2, "batch_size": 4}
@@ -339,6 +350,8 @@ def test_train_reference_selector_learns_from_plugin_features(tmp_path):
     assert missing.exit_code == 2 and "needs --images" in missing.stderr
     ensemble = CliRunner().invoke(app, [*args, "--members", "2"])
     assert ensemble.exit_code == 2 and "--members" in ensemble.stderr
+    margin = CliRunner().invoke(app, [*args, "--null-margin", "0.5"])
+    assert margin.exit_code == 2 and "--null-margin" in margin.stderr
     result = CliRunner().invoke(app, [*args, "--images", str(images), "--steps", "150"])
     assert result.exit_code == 0, result.output
     torch.manual_seed(0)  # the initialisation training starts from
