@@ -256,11 +256,9 @@ def test_null_margin_gates_clause_scores(text_selector):
     null = per_clause[:, text_selector.labels.index(NULL_KEY)]
 
     def with_margin(margin: float) -> TextSelector:
-        members = []
-        for member in text_selector.members:
-            heads = TextSelectorHeads(**{k: v for k, v in member.config.items() if not k.startswith("_")} | {"null_margin": margin})
+        members = [TextSelectorHeads.from_config(member.config, null_margin=margin) for member in text_selector.members]
+        for heads, member in zip(members, text_selector.members):
             heads.load_state_dict(member.state_dict())
-            members.append(heads)
         return TextSelector(members, text_selector.encoder)
 
     for margin in (0.0, 1.0, 100.0):
