@@ -4,7 +4,9 @@ Each step samples B anchors (a label's key: a learned key for the text selector,
 max-pooled F^p of some image for the reference one), one positive text of the anchor's label and
 N negative texts of other labels, and minimises -log softmax(cos / tau)[positive]. `null` is a
 label like the tasks: its texts are out-of-scope requests and negated clauses ("keep the snow"),
-which is what teaches "none" and mixed requests. A binary cross-entropy term on the scores
+which is what teaches "none" and mixed requests. A compound clause naming two damages ("the snowy
+photo is too dark") carries both labels (`desnow+lowlight`): it is a positive of each and a negative
+of neither. A binary cross-entropy term on the scores
 against every label calibrates the decision at threshold 0 (Eq. 6 alone ranks, it does not place
 the zero). Text selector: the sentence encoder is frozen below a fine-tuned copy of its top
 layer, so the frozen token states are computed once and each step runs one transformer layer over
@@ -36,6 +38,11 @@ TEMPLATE_FILES = ("none", "negation", "inverse")
 LAYER_CONFIG_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps",
                      "hidden_dropout_prob", "attention_probs_dropout_prob")  # what a copy of an encoder layer needs
 SUFFIXES = ("", " please", " in this photo", " from the image", " for me", " in the picture")
+LABEL_JOIN = "+"  # a text of several labels carries them joined: "desnow+lowlight"
+
+
+def label_parts(label: str) -> list[str]:
+    return label.split(LABEL_JOIN)
 
 
 @dataclass
@@ -122,6 +129,7 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
             pairs += fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name)
         for fix in words.get("fixes", ()):
             pairs += fill("want", 2, task, fix, fix=fix) + fill("skip", 2, NULL_KEY, fix, fix=fix)
+    pairs += compose_compounds(vocabulary, tasks, seed)
     for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
         pairs += [(template.format(adj=adjective), NULL_KEY) for template in templates["inverse"]]
     edits = vocabulary.get("edits", {})
@@ -130,6 +138,30 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
             for thing in group["things"]:
                 template = random.Random(f"{seed}:edit:{verb}:{thing}").choice(edits["templates"])
                 pairs.append((template.format(verb=verb, thing=thing), NULL_KEY))
+    return pairs
+
+
+def compose_compounds(vocabulary: dict, tasks: Sequence[str], seed: int = 0) -> list[tuple[str, str]]:
+    """`[compound]` of `vocabulary.toml`: clauses that name two damages at once, labelled with both
+    tasks. The clause splitter cannot separate "the snowy photo is too dark", so the heads must learn
+    that one clause can ask for two plugins. Each attribute of a task (snowy) goes with every other
+    task, in `per_pair` random templates that task's words can fill: its `bad` adjectives ("is
+    {bad}"), the nouns of a removal task ("has {noun} too") or its fixes ("needs {fix}")."""
+    compound = vocabulary.get("compound")
+    if not compound:
+        return []
+    words = vocabulary.get("tasks", {})
+    pairs: list[tuple[str, str]] = []
+    for first in tasks:
+        for attribute in compound["attributes"].get(first, ()):
+            for second in (task for task in tasks if task != first and task in words):
+                rng = random.Random(f"{seed}:compound:{attribute}:{second}")
+                fillers = {"bad": words[second].get("bad", ()), "fix": words[second].get("fixes", ()),
+                           "noun": words[second]["nouns"] if words[second]["verbs"] == "remove" else ()}
+                usable = [t for t in compound["templates"] if all(fillers[key] for key in fillers if f"{{{key}}}" in t)]
+                for template in rng.sample(usable, min(compound["per_pair"], len(usable))):
+                    text = template.format(attr=attribute, **{key: rng.choice(values) for key, values in fillers.items() if values})
+                    pairs.append((text, LABEL_JOIN.join(sorted((first, second)))))
     return pairs
 
 
@@ -170,7 +202,8 @@ def contrastive_step(
     anchors, candidates = [], []
     for _ in range(config.batch_size):
         label = rng.choice(labels)
-        others = [i for other in labels if other != label for i in by_label[other]]
+        own = set(by_label[label])  # a compound text of this label is never its negative
+        others = list(dict.fromkeys(i for other in labels if other != label for i in by_label[other] if i not in own))
         anchors.append(label)
         candidates.append([rng.choice(by_label[label])] + rng.sample(others, min(config.negatives, len(others))))
     width = min(len(c) for c in candidates)
@@ -204,12 +237,12 @@ def selector_loss(
     config: TrainConfig,
     rng: random.Random,
 ) -> torch.Tensor:
-    """Eq. 6 plus the calibration term: BCE of `scores(texts)` [T, labels] against each text's label,
-    on texts drawn label-balanced, so the large null class does not dominate."""
+    """Eq. 6 plus the calibration term: BCE of `scores(texts)` [T, labels] against each text's labels
+    (`targets`, multi-hot), on texts drawn label-balanced, so the large null class does not dominate."""
     loss = contrastive_step(similarity, by_label, config, rng)
     if config.calibration_weight:
         texts = [rng.choice(by_label[rng.randrange(len(by_label))]) for _ in range(config.batch_size * 4)]
-        loss = loss + config.calibration_weight * F.binary_cross_entropy_with_logits(scores(texts), F.one_hot(targets[texts], len(by_label)).float())
+        loss = loss + config.calibration_weight * F.binary_cross_entropy_with_logits(scores(texts), targets[texts])
     return loss
 
 
@@ -225,10 +258,12 @@ def optimise(groups: list[dict], step_loss: Callable[[], torch.Tensor], config: 
 
 
 def label_index(corpus: LabelledTexts, names: Sequence[str]) -> tuple[torch.Tensor, dict[int, list[int]]]:
-    """Each text's label index, and the texts of each label."""
+    """Each text's labels as a multi-hot row [texts, labels], and the texts of each label."""
     index = {name: i for i, name in enumerate(names)}
-    targets = torch.tensor([index[label] for label in corpus.labels])
-    return targets, {i: (targets == i).nonzero().flatten().tolist() for i in range(len(names))}
+    targets = torch.zeros(len(corpus.labels), len(names))
+    for row, label in enumerate(corpus.labels):
+        targets[row, [index[part] for part in label_parts(label)]] = 1.0
+    return targets, {i: targets[:, i].nonzero().flatten().tolist() for i in range(len(names))}
 
 
 def train_text_selector(
@@ -245,7 +280,7 @@ def train_text_selector(
         raise ValueError("training the text selector needs the whole sentence encoder (its top layers start the tuned copies)")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    names = sorted(set(corpus.labels) - {NULL_KEY}) + [NULL_KEY]
+    names = sorted({part for label in corpus.labels for part in label_parts(label)} - {NULL_KEY}) + [NULL_KEY]
     cache = CachedStates(encoder, corpus.texts, config.tuned_layers)
     targets, by_label = label_index(corpus, names)
     encoder_config = {key: getattr(encoder.model.config, key) for key in LAYER_CONFIG_KEYS} if config.tuned_layers else None

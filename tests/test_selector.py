@@ -32,7 +32,10 @@ from diffplugin_cli.selector import (
 )
 from diffplugin_cli.selector_eval import evaluate, metrics, read_cases
 from diffplugin_cli.selector_training import (
+    LabelledTexts,
     TrainConfig,
+    contrastive_step,
+    label_index,
     load_corpus,
     packaged_corpus,
     train_text_selector,
@@ -183,6 +186,42 @@ def test_training_on_a_small_corpus_raises_held_out_zta():
     before = evaluate(cases, TextSelector(untrained, encoder).raw_scores, tasks)["overall"]["ZTA"]
     after = evaluate(cases, TextSelector(trained, encoder).raw_scores, tasks)["overall"]["ZTA"]
     assert after > before + 0.3, (before, after)
+
+
+def test_compound_clauses_carry_both_tasks():
+    """One clause can name two damages ("the snowy photo is too dark"); the corpus labels such a clause
+    with both tasks, and only with tasks being trained."""
+    corpus = load_corpus(variants=0)
+    compounds = {text: label.split("+") for text, label in zip(corpus.texts, corpus.labels) if "+" in label}
+    assert compounds["the snowy photo is too dark"] == ["desnow", "lowlight"]
+    assert all(len(set(tasks)) == 2 and NULL_KEY not in tasks for tasks in compounds.values())
+    assert len({tuple(tasks) for tasks in compounds.values()}) == 28  # every pair of the eight tasks
+    two = load_corpus(tasks=["desnow", "lowlight"], variants=0)
+    assert {label for label in two.labels if "+" in label} == {"desnow+lowlight"}
+    targets, by_label = label_index(LabelledTexts(["a", "b", "a and b", "c"], ["desnow", "lowlight", "desnow+lowlight", NULL_KEY]),
+                                    ["desnow", "lowlight", NULL_KEY])
+    assert targets.tolist() == [[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]]
+    assert by_label == {0: [0, 2], 1: [1, 2], 2: [3]}
+
+
+def test_a_text_is_never_a_negative_of_its_own_labels():
+    """Eq. 6 with several labels per text: a compound clause is a positive of each of its tasks and
+    never among the negatives of an anchor of one of them."""
+    labels = ["desnow", "lowlight", "desnow+lowlight", NULL_KEY] * 3
+    targets, by_label = label_index(LabelledTexts([str(i) for i in range(len(labels))], labels), ["desnow", "lowlight", NULL_KEY])
+    seen = {}
+
+    def similarity(anchors, texts):
+        seen.update(anchors=anchors, texts=texts)
+        return torch.zeros(len(anchors), len(texts))
+
+    for seed in range(20):
+        contrastive_step(similarity, by_label, TrainConfig(batch_size=6, negatives=7), random.Random(seed))
+        width = len(seen["texts"]) // len(seen["anchors"])
+        for row, anchor in enumerate(seen["anchors"]):
+            positive, *negatives = seen["texts"][row * width:(row + 1) * width]
+            assert targets[positive, anchor] == 1 and negatives
+            assert all(targets[text, anchor] == 0 for text in negatives)
 
 
 def test_tuned_layers_start_as_the_encoders_top_layers_and_round_trip(tmp_path):
