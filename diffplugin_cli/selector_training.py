@@ -189,9 +189,20 @@ class TrainConfig:
     seed: int = 0
 
 
+def negatives_by_label(by_label: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Each label's candidate negatives: the texts of the other labels, each once, none of its own
+    (a compound text of this label is never its negative). Computed once, sampled every step."""
+    negatives = {}
+    for label, texts in by_label.items():
+        own = set(texts)
+        negatives[label] = list(dict.fromkeys(i for other in by_label if other != label for i in by_label[other] if i not in own))
+    return negatives
+
+
 def contrastive_step(
     similarity: Callable[[list[int], list[int]], torch.Tensor],
     by_label: dict[int, list[int]],
+    negatives: dict[int, list[int]],
     config: TrainConfig,
     rng: random.Random,
 ) -> torch.Tensor:
@@ -202,8 +213,7 @@ def contrastive_step(
     anchors, candidates = [], []
     for _ in range(config.batch_size):
         label = rng.choice(labels)
-        own = set(by_label[label])  # a compound text of this label is never its negative
-        others = list(dict.fromkeys(i for other in labels if other != label for i in by_label[other] if i not in own))
+        others = negatives[label]
         anchors.append(label)
         candidates.append([rng.choice(by_label[label])] + rng.sample(others, min(config.negatives, len(others))))
     width = min(len(c) for c in candidates)
@@ -233,13 +243,14 @@ def selector_loss(
     similarity: Callable[[list[int], list[int]], torch.Tensor],
     scores: Callable[[list[int]], torch.Tensor],
     by_label: dict[int, list[int]],
+    negatives: dict[int, list[int]],
     targets: torch.Tensor,
     config: TrainConfig,
     rng: random.Random,
 ) -> torch.Tensor:
     """Eq. 6 plus the calibration term: BCE of `scores(texts)` [T, labels] against each text's labels
     (`targets`, multi-hot), on texts drawn label-balanced, so the large null class does not dominate."""
-    loss = contrastive_step(similarity, by_label, config, rng)
+    loss = contrastive_step(similarity, by_label, negatives, config, rng)
     if config.calibration_weight:
         texts = [rng.choice(by_label[rng.randrange(len(by_label))]) for _ in range(config.batch_size * 4)]
         loss = loss + config.calibration_weight * F.binary_cross_entropy_with_logits(scores(texts), targets[texts])
@@ -283,6 +294,7 @@ def train_text_selector(
     names = sorted({part for label in corpus.labels for part in label_parts(label)} - {NULL_KEY}) + [NULL_KEY]
     cache = CachedStates(encoder, corpus.texts, config.tuned_layers)
     targets, by_label = label_index(corpus, names)
+    negatives = negatives_by_label(by_label)
     encoder_config = {key: getattr(encoder.model.config, key) for key in LAYER_CONFIG_KEYS} if config.tuned_layers else None
     heads = TextSelectorHeads(labels=tuple(names), text_dim=encoder.model.config.hidden_size, tuned_layers=config.tuned_layers,
                               encoder_config=encoder_config, null_margin=config.null_margin)
@@ -313,7 +325,7 @@ def train_text_selector(
             return keys @ F.normalize(embed(texts), dim=-1).T  # [A, T]
 
         return selector_loss(similarity, lambda texts: cosine_scores(heads.label_keys, embed(texts), heads.logit_scale),
-                             by_label, targets, config, rng)
+                             by_label, negatives, targets, config, rng)
 
     optimise(groups, step_loss, config, log)
     return heads.eval().requires_grad_(False)
@@ -336,6 +348,7 @@ def train_reference_selector(
     names = sorted(plugin_keys) + [NULL_KEY]
     key_sets = [plugin_keys[name] for name in sorted(plugin_keys)] + [null_key.reshape(1, -1)]
     targets, by_label = label_index(corpus, names)
+    negatives = negatives_by_label(by_label)
     heads = PromptTuner(dim=text_embeddings.shape[1]).train()
 
     def anchors(labels: Sequence[int]) -> torch.Tensor:
@@ -348,5 +361,5 @@ def train_reference_selector(
         return cosine_scores(anchors(range(len(names))), heads.proj_t(text_embeddings[texts]), heads.logit_scale)
 
     optimise([{"params": list(heads.parameters()), "lr": config.lr}],
-             lambda: selector_loss(similarity, scores, by_label, targets, config, rng), config, log)
+             lambda: selector_loss(similarity, scores, by_label, negatives, targets, config, rng), config, log)
     return heads.eval().requires_grad_(False)

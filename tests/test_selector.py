@@ -36,6 +36,7 @@ from diffplugin_cli.selector_training import (
     TrainConfig,
     contrastive_step,
     label_index,
+    negatives_by_label,
     load_corpus,
     packaged_corpus,
     train_text_selector,
@@ -216,7 +217,7 @@ def test_a_text_is_never_a_negative_of_its_own_labels():
         return torch.zeros(len(anchors), len(texts))
 
     for seed in range(20):
-        contrastive_step(similarity, by_label, TrainConfig(batch_size=6, negatives=7), random.Random(seed))
+        contrastive_step(similarity, by_label, negatives_by_label(by_label), TrainConfig(batch_size=6, negatives=7), random.Random(seed))
         width = len(seen["texts"]) // len(seen["anchors"])
         for row, anchor in enumerate(seen["anchors"]):
             positive, *negatives = seen["texts"][row * width:(row + 1) * width]
