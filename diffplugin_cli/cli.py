@@ -251,8 +251,8 @@ def train_selector(
     temperature: float = typer.Option(0.07, help="Temperature tau of the contrastive loss."),
     batch_size: int = typer.Option(32, help="Anchors per step."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate of the heads (text: pooling MLP and keys)."),
-    tuned_layers: int = typer.Option(2, help="Text: top layers of the sentence encoder fine-tuned as part of the heads (0: frozen encoder)."),
-    tuned_lr: float = typer.Option(5e-5, help="Text: AdamW learning rate of the fine-tuned encoder layers."),
+    tuned_layers: Optional[int] = typer.Option(None, help="Text: top layers of the sentence encoder fine-tuned as part of the heads (default 2; 0: frozen encoder)."),
+    tuned_lr: Optional[float] = typer.Option(None, help="Text: AdamW learning rate of the fine-tuned encoder layers (default 5e-5)."),
     null_margin: Optional[float] = typer.Option(None, help="Text: how far a task must score above a clause's null to count for it (stored in the heads; default 1.0; 0: the authors' rule)."),
     seed: int = typer.Option(0, help="Seed of sampling and initialisation."),
     members: Optional[int] = typer.Option(None, help="Text: train this many heads, with seeds SEED, SEED+1, ..., and average their scores (default: as many as the shipped heads; 1: a single run)."),
@@ -265,16 +265,18 @@ def train_selector(
     from .selection import SelectRequest, train_reference_heads_file, train_text_heads_file
 
     settings = {"steps": steps, "negatives": negatives, "temperature": temperature, "batch_size": batch_size, "lr": lr, "seed": seed}
+    text_only = {flag: value for flag, value in (("--tuned-layers", tuned_layers), ("--tuned-lr", tuned_lr), ("--null-margin", null_margin))
+                 if value is not None}  # those not given keep TrainConfig's defaults
     log = lambda step, loss: stderr.print(f"step {step}: loss {loss:.4f}")  # noqa: E731
     try:
         if selector == "text":
-            written = train_text_heads_file(out, corpus, log=log, members=members, tuned_layers=tuned_layers, tuned_lr=tuned_lr,
-                                            **settings | ({} if null_margin is None else {"null_margin": null_margin}))
+            written = train_text_heads_file(out, corpus, log=log, members=members,
+                                            **settings | {flag[2:].replace("-", "_"): value for flag, value in text_only.items()})
         elif selector == "reference":
             if members not in (None, 1):
                 raise DiffPluginError("--members: the reference selector's heads are one set, as the authors'")
-            if null_margin is not None:
-                raise DiffPluginError("--null-margin: the reference selector gates at null, as the authors'")
+            if text_only:
+                raise DiffPluginError(f"{', '.join(text_only)}: text selector only (the reference heads are the authors' projections, gated at null)")
             if images is None:
                 raise DiffPluginError("--selector reference needs --images DIR (the plugins' F^p of those images are its keys)")
             request = SelectRequest("reference", plugin_dirs=plugin_dir, base_model=base_model, clip_model=clip_model, registry=registry)

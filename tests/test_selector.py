@@ -390,8 +390,9 @@ def test_train_reference_selector_learns_from_plugin_features(tmp_path):
     assert missing.exit_code == 2 and "needs --images" in missing.stderr
     ensemble = CliRunner().invoke(app, [*args, "--members", "2"])
     assert ensemble.exit_code == 2 and "--members" in ensemble.stderr
-    margin = CliRunner().invoke(app, [*args, "--null-margin", "0.5"])
-    assert margin.exit_code == 2 and "--null-margin" in margin.stderr
+    for flag, value in (("--null-margin", "0.5"), ("--tuned-layers", "1"), ("--tuned-lr", "1e-4")):
+        refused = CliRunner().invoke(app, [*args, flag, value])
+        assert refused.exit_code == 2 and flag in refused.stderr and "text selector only" in refused.stderr
     result = CliRunner().invoke(app, [*args, "--images", str(images), "--steps", "150"])
     assert result.exit_code == 0, result.output
     torch.manual_seed(0)  # the initialisation training starts from
