@@ -16,10 +16,12 @@ tests/data/selector_heldout_v10.jsonl (300 cases, written after v9 made its choi
 tests/data/selector_heldout_v11.jsonl (300 cases, written after v10 made its choice),
 tests/data/selector_heldout_v12.jsonl (300 cases, written after v11 made its choice) and
 tests/data/selector_heldout_v13.jsonl (300 cases, written after v12 made its choice).
-Their errors were never looked at; v3 to v7 together made one choice (the ensemble of training
-runs over a single one), v8, v9, v10, v11 and v12 one more each (against more inverse requests in
-the corpus, 1600 training steps and two tuned encoder layers; for two tuned layers with a null
-margin; for compound clauses in the corpus, the heads shipped now), see README. Then
+Each was committed before anything was measured with it and made one choice when first read; only
+after that did its errors guide later changes, judged on the next set. v3 to v7 together chose the
+ensemble of training runs over a single one; v8, v9, v10, v11, v12 and v13 one more each (against
+more inverse requests in the corpus, 1600 training steps and two tuned encoder layers; for two
+tuned layers with a null margin; for compound clauses in the corpus; for refusal, inverse and edit
+phrasings, the heads shipped now), see README. Then
 tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide
 corpus changes).
 

@@ -120,10 +120,10 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
         # the same words refused, null: "keep it dark", "without making it brighter", "don't restore the face"
         for kind, refusals in (("bad", "keep"), ("good", "refuse")):
             for adjective in words.get(kind, ()):
-                pairs += fill(refusals, 2, NULL_KEY, adjective, adj=adjective)
+                pairs += fill(refusals, 3, NULL_KEY, adjective, adj=adjective)
         for noun in words["nouns"]:
             verb = random.Random(f"{seed}:spare-verb:{noun}").choice(task_verbs)
-            pairs += fill("spare", 3, NULL_KEY, noun, noun=noun, verb=verb)
+            pairs += fill("spare", 4, NULL_KEY, noun, noun=noun, verb=verb)
         # the task by name, asked for and refused: "de-snow it" / "do not desnow the photo", "snow removal please" / "no dehazing"
         for name in words.get("names", ()):
             pairs += fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name)
