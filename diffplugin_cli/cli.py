@@ -265,18 +265,18 @@ def train_selector(
     from .selection import SelectRequest, train_reference_heads_file, train_text_heads_file
 
     settings = {"steps": steps, "negatives": negatives, "temperature": temperature, "batch_size": batch_size, "lr": lr, "seed": seed}
-    text_only = {flag: value for flag, value in (("--tuned-layers", tuned_layers), ("--tuned-lr", tuned_lr), ("--null-margin", null_margin))
+    text_only = {name: value for name, value in (("tuned_layers", tuned_layers), ("tuned_lr", tuned_lr), ("null_margin", null_margin))
                  if value is not None}  # those not given keep TrainConfig's defaults
     log = lambda step, loss: stderr.print(f"step {step}: loss {loss:.4f}")  # noqa: E731
     try:
         if selector == "text":
-            written = train_text_heads_file(out, corpus, log=log, members=members,
-                                            **settings | {flag[2:].replace("-", "_"): value for flag, value in text_only.items()})
+            written = train_text_heads_file(out, corpus, log=log, members=members, **settings | text_only)
         elif selector == "reference":
             if members not in (None, 1):
                 raise DiffPluginError("--members: the reference selector's heads are one set, as the authors'")
             if text_only:
-                raise DiffPluginError(f"{', '.join(text_only)}: text selector only (the reference heads are the authors' projections, gated at null)")
+                flags = ", ".join("--" + name.replace("_", "-") for name in text_only)
+                raise DiffPluginError(f"{flags}: text selector only (the reference heads are the authors' projections, gated at null)")
             if images is None:
                 raise DiffPluginError("--selector reference needs --images DIR (the plugins' F^p of those images are its keys)")
             request = SelectRequest("reference", plugin_dirs=plugin_dir, base_model=base_model, clip_model=clip_model, registry=registry)
