@@ -129,15 +129,53 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
             pairs += fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name)
         for fix in words.get("fixes", ()):
             pairs += fill("want", 2, task, fix, fix=fix) + fill("skip", 2, NULL_KEY, fix, fix=fix)
+        pairs += compose_subjects(vocabulary, task, words, seed)
     pairs += compose_compounds(vocabulary, tasks, seed)
     for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
         pairs += [(template.format(adj=adjective), NULL_KEY) for template in templates["inverse"]]
     edits = vocabulary.get("edits", {})
+    subjects = vocabulary.get("subjects", {})
     for group in (value for value in edits.values() if isinstance(value, dict)):
         for verb in group["verbs"]:
             for thing in group["things"]:
                 template = random.Random(f"{seed}:edit:{verb}:{thing}").choice(edits["templates"])
                 pairs.append((template.format(verb=verb, thing=thing), NULL_KEY))
+        # each thing once more in a photo of a subject, so a subject cues no task: "add a hat in the photo of the bride"
+        for thing in group["things"] if subjects else ():
+            rng = random.Random(f"{seed}:edit-subject:{thing}")
+            subject = rng.choice([subject for group_of_subjects in subjects.values() for subject in group_of_subjects])
+            pairs.append((rng.choice(templates["edit_subject"]).format(verb=rng.choice(group["verbs"]), thing=thing, subject=subject), NULL_KEY))
+    return pairs
+
+
+def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) -> list[tuple[str, str]]:
+    """The task's words in a photo of a subject ("derain the picture of the harbour", "the photo of
+    the bride is pixelated in the face"), and the same with the damage kept (null: "the fog over the
+    bridge can stay"). Users name what their photo shows; without these the heads meet subjects only
+    in out-of-scope edits ("change the text on the sign") and read them as "none". One template and
+    one subject per word, each from a generator seeded with the word, among the subject groups the
+    task names (`subjects = ["people"]` for face; all groups when it names none)."""
+    subjects = vocabulary.get("subjects")
+    if not subjects:
+        return []
+    templates, removal = vocabulary["templates"], words["verbs"] == "remove"
+    pool = [subject for group in words.get("subjects", subjects) for subject in subjects[group]]
+    task_verbs = vocabulary["verbs"][words["verbs"]]
+
+    def fill(kind: str, label: str, key: str, **slots: str) -> tuple[str, str]:
+        rng = random.Random(f"{seed}:{kind}:{task}:{key}")
+        return rng.choice(templates[kind]).format(subject=rng.choice(pool), **slots), label
+
+    pairs = []
+    for noun in words["nouns"]:
+        verb = random.Random(f"{seed}:subject-verb:{noun}").choice(task_verbs)
+        pairs.append(fill("act_subject", task, noun, verb=verb, noun=noun))
+        if removal:
+            pairs += [fill("describe_subject", task, noun, noun=noun), fill("spare_subject", NULL_KEY, noun, noun=noun)]
+    for name in words.get("names", ()):
+        pairs.append(fill("name_subject", task, name, name=name))
+    for adjective in words.get("bad", ()):
+        pairs += [fill("bad_subject", task, adjective, adj=adjective), fill("keep_subject", NULL_KEY, adjective, adj=adjective)]
     return pairs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from diffplugin_cli.selector_training import (
     negatives_by_label,
     load_corpus,
     packaged_corpus,
+    tomllib,
     train_text_selector,
 )
 
@@ -205,6 +207,23 @@ def test_compound_clauses_carry_both_tasks():
                                     ["desnow", "lowlight", NULL_KEY])
     assert targets.tolist() == [[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 1]]
     assert by_label == {0: [0, 2], 1: [1, 2], 2: [3]}
+
+
+def test_subjects_come_with_every_task_and_with_null():
+    """Users name what the photo shows ("derain the picture of the harbour"). The corpus puts each
+    task's words in photos of subjects, and the same subjects in refusals and out-of-scope edits
+    (null), so that a subject cues neither a task nor "none"; face takes people only."""
+    subjects = tomllib.loads((packaged_corpus() / "vocabulary.toml").read_text(encoding="utf-8"))["subjects"]
+    corpus = load_corpus(variants=0)
+    photo_of = re.compile(r"(?:photo|shot|picture|image|snapshot) of (.+?)(?: is | came | looks |,|$)")
+    named: dict[str, set[str]] = {}
+    for text, label in zip(corpus.texts, corpus.labels):
+        for subject in photo_of.findall(text):
+            named.setdefault(label, set()).add(subject)
+    everyone = set(subjects["people"]) | set(subjects["scenes"])
+    assert all(named[task] & everyone for task in ("desnow", "derain", "dehaze", "deblur", "face", "lowlight", "demoire", "highlight"))
+    assert named["face"] <= set(subjects["people"])
+    assert len(named[NULL_KEY] & everyone) >= len(everyone) // 2
 
 
 def test_a_text_is_never_a_negative_of_its_own_labels():
