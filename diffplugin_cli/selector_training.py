@@ -134,18 +134,23 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
     for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
         pairs += [(template.format(adj=adjective), NULL_KEY) for template in templates["inverse"]]
     edits = vocabulary.get("edits", {})
-    subjects = vocabulary.get("subjects", {})
+    everyone = subject_pool(vocabulary.get("subjects", {}))
     for group in (value for value in edits.values() if isinstance(value, dict)):
         for verb in group["verbs"]:
             for thing in group["things"]:
                 template = random.Random(f"{seed}:edit:{verb}:{thing}").choice(edits["templates"])
                 pairs.append((template.format(verb=verb, thing=thing), NULL_KEY))
         # each thing once more in a photo of a subject, so a subject cues no task: "add a hat in the photo of the bride"
-        for thing in group["things"] if subjects else ():
+        for thing in group["things"] if everyone else ():
             rng = random.Random(f"{seed}:edit-subject:{thing}")
-            subject = rng.choice([subject for group_of_subjects in subjects.values() for subject in group_of_subjects])
+            subject = rng.choice(everyone)
             pairs.append((rng.choice(templates["edit_subject"]).format(verb=rng.choice(group["verbs"]), thing=thing, subject=subject), NULL_KEY))
     return pairs
+
+
+def subject_pool(subjects: dict[str, list[str]], groups: Sequence[str] | None = None) -> list[str]:
+    """The subjects of the named `[subjects]` groups (all of them, in file order, when none are named)."""
+    return [subject for group in (groups if groups is not None else subjects) for subject in subjects[group]]
 
 
 def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) -> list[tuple[str, str]]:
@@ -159,7 +164,7 @@ def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) ->
     if not subjects:
         return []
     templates, removal = vocabulary["templates"], words["verbs"] == "remove"
-    pool = [subject for group in words.get("subjects", subjects) for subject in subjects[group]]
+    pool = subject_pool(subjects, words.get("subjects"))
     task_verbs = vocabulary["verbs"][words["verbs"]]
 
     def fill(kind: str, label: str, key: str, **slots: str) -> tuple[str, str]:
