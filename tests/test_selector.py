@@ -227,6 +227,22 @@ def test_subjects_come_with_every_task_and_with_null():
     assert len(named[NULL_KEY] & everyone) >= len(everyone) // 2
 
 
+def test_wanted_damage_and_fixes_we_do_not_make_are_null():
+    """Some requests use a task's words to ask for the damage ("sprinkle some snow over it", "dim the
+    street lights", "blur the background like portrait mode") or for a fix no plugin makes ("fix the
+    red eyes", "whiten his teeth", "remove the power cables"). The corpus labels them null and never a
+    task, so that the edit, not the word, decides."""
+    corpus = load_corpus(variants=0)
+    by_label: dict[bool, list[str]] = {True: [], False: []}
+    for text, label in zip(corpus.texts, corpus.labels):
+        by_label[label == NULL_KEY].append(text)
+    for phrase in ("sprinkle some snow over it", "make it look like it was shot in rain", "dim the street lights",
+                   "blur the background like portrait mode", "make the car look glossier", "fix the red eyes",
+                   "whiten his teeth", "make my face thinner", "the power cables"):
+        assert any(phrase in text for text in by_label[True]), phrase
+        assert not any(phrase in text for text in by_label[False]), phrase
+
+
 def test_a_text_is_never_a_negative_of_its_own_labels():
     """Eq. 6 with several labels per text: a compound clause is a positive of each of its tasks and
     never among the negatives of an anchor of one of them."""
