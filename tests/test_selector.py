@@ -233,14 +233,13 @@ def test_wanted_damage_and_fixes_we_do_not_make_are_null():
     red eyes", "whiten his teeth", "remove the power cables"). The corpus labels them null and never a
     task, so that the edit, not the word, decides."""
     corpus = load_corpus(variants=0)
-    by_label: dict[bool, list[str]] = {True: [], False: []}
-    for text, label in zip(corpus.texts, corpus.labels):
-        by_label[label == NULL_KEY].append(text)
+    null = [text for text, label in zip(corpus.texts, corpus.labels) if label == NULL_KEY]
+    tasks = [text for text, label in zip(corpus.texts, corpus.labels) if label != NULL_KEY]
     for phrase in ("sprinkle some snow over it", "make it look like it was shot in rain", "dim the street lights",
                    "blur the background like portrait mode", "make the car look glossier", "fix the red eyes",
                    "whiten his teeth", "make my face thinner", "the power cables"):
-        assert any(phrase in text for text in by_label[True]), phrase
-        assert not any(phrase in text for text in by_label[False]), phrase
+        assert any(phrase in text for text in null), phrase
+        assert not any(phrase in text for text in tasks), phrase
 
 
 def test_a_text_is_never_a_negative_of_its_own_labels():
