@@ -1,6 +1,6 @@
 """Text selector benchmark: load time, time per instruction, held-out accuracy, training time. Not a test.
 
-    python bench/bench_selector.py [--cases FILE.jsonl ...] [--heads FILE] [--train]
+    python bench/bench_selector.py [--cases FILE.jsonl ...] [--heads FILE] [--dtype fp32|bf16] [--train]
 
 By default it scores the fifteen held-out sets: tests/data/selector_heldout.jsonl (335 cases),
 tests/data/selector_heldout_v2.jsonl (151 cases, written later; it chose the training step count and its
@@ -28,6 +28,9 @@ shipped now), see README. Then
 tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide
 corpus changes).
 
+With --dtype bf16 it also counts the cases whose selection differs from fp32's (the fp32 selector
+is loaded after the timed one and timed by nothing).
+
 Also reports how many held-out clauses appear word for word in the training corpus, and ZTA on
 the held-out cases none of whose clauses does, so that overlap cannot flatter the figures.
 """
@@ -40,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from diffplugin_cli.selector import NULL_KEY, TextSelector, clauses
+from diffplugin_cli.selector import NULL_KEY, TEXT_SELECTOR_DTYPES, TextSelector, clauses
 from diffplugin_cli.selector_eval import evaluate, read_cases
 from diffplugin_cli.selector_training import load_corpus
 
@@ -52,19 +55,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", action="append", help="held-out JSONL (repeatable; default: the fifteen held-out sets and the dev set)")
     parser.add_argument("--heads", help="heads file (default: the shipped ones)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(TEXT_SELECTOR_DTYPES), help="the selector's dtype (default fp32)")
     parser.add_argument("--train", action="store_true", help="also time training the heads from scratch")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    selector = TextSelector.from_file(args.heads)
+    selector = TextSelector.from_file(args.heads, dtype=TEXT_SELECTOR_DTYPES[args.dtype])
     load_s = time.perf_counter() - start
     tasks = [label for label in selector.labels if label != NULL_KEY]
     selector.raw_scores("warm up")
-    print(f"load_s: {load_s:.3f}")
-    summary = {"load_s": round(load_s, 3)}
+    fp32 = TextSelector.from_file(args.heads) if args.dtype != "fp32" else None
+    print(f"dtype: {args.dtype}, load_s: {load_s:.3f}")
+    summary = {"dtype": args.dtype, "load_s": round(load_s, 3)}
     default = [DATA / f"selector_heldout{suffix}.jsonl" for suffix in ("", "_v2", "_v3", "_v4", "_v5", "_v6", "_v7", "_v8", "_v9", "_v10", "_v11", "_v12", "_v13", "_v14", "_v15")] + [DATA / "selector_dev.jsonl"]
     for path in args.cases or map(str, default):
-        summary[Path(path).stem] = report_cases(path, selector, tasks)
+        summary[Path(path).stem] = report_cases(path, selector, tasks, fp32)
     if args.train:
         from diffplugin_cli.selection import train_text_heads_file
 
@@ -75,12 +80,16 @@ def main() -> None:
     print(json.dumps(summary))
 
 
-def report_cases(path: str, selector: TextSelector, tasks: list[str]) -> dict:
+def report_cases(path: str, selector: TextSelector, tasks: list[str], fp32: TextSelector | None = None) -> dict:
     """Print ZTA and friends per kind for one held-out file; return the figures for the JSON line."""
     cases = read_cases(path)
     start = time.perf_counter()
     report = evaluate(cases, selector.raw_scores, tasks)
     per_instruction_ms = (time.perf_counter() - start) / len(cases) * 1000
+    figures = {"per_instruction_ms": round(per_instruction_ms, 2), "zta": {k: round(v["ZTA"], 4) for k, v in report.items()}}
+    if fp32:
+        figures["differs_from_fp32"] = sum(selector.select(case["text"], tasks).selected != fp32.select(case["text"], tasks).selected
+                                           for case in cases)
 
     training = {text.lower() for text in load_corpus().texts}
     seen = [any(c.lower() in training for c in clauses(case["text"])) for case in cases]
@@ -89,13 +98,15 @@ def report_cases(path: str, selector: TextSelector, tasks: list[str]) -> dict:
 
     print(f"\n{path}: {len(cases)} cases, {per_instruction_ms:.2f} ms per instruction")
     print(f"cases with a clause found verbatim in training: {sum(seen)} of {len(cases)}")
+    if fp32:
+        print(f"cases whose selection differs from fp32's: {figures['differs_from_fp32']} of {len(cases)}")
     print(f"{'kind':>20} {'ZTA':>6} {'target':>6} {'unseen':>7} {'mAP':>6} {'CF1':>6} {'OF1':>6} {'n':>4}")
     for kind, values in report.items():
         target = TARGETS.get(kind)
         unseen_zta = unseen.get(kind, {}).get("ZTA")
         print(f"{kind:>20} {values['ZTA']:6.3f} {target if target else '':>6} {unseen_zta if unseen_zta is None else round(unseen_zta, 3)!s:>7}"
               f" {values['mAP']:6.3f} {values['CF1']:6.3f} {values['OF1']:6.3f} {values['cases']:4d}")
-    return {"per_instruction_ms": round(per_instruction_ms, 2), "zta": {k: round(v["ZTA"], 4) for k, v in report.items()}}
+    return figures
 
 
 if __name__ == "__main__":

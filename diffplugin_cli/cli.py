@@ -163,12 +163,13 @@ def select(
     base_model: Optional[str] = typer.Option(None, help="Reference selector: SD-1.x hub id or folder (text encoder) (default: registry)."),
     clip_model: Optional[str] = typer.Option(None, help="Reference selector: CLIP vision hub id or folder (default: registry)."),
     registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
+    dtype: str = typer.Option("fp32", help="Text selector: fp32 (as trained) or bf16 (faster on CPUs with native bf16; scores rounded)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show which plugins an instruction selects, with every plugin's score."""
     from .selection import SelectRequest, open_selector
 
-    request = SelectRequest(selector, threshold, selector_heads, plugin_dir, base_model, clip_model, registry)
+    request = SelectRequest(selector, threshold, selector_heads, plugin_dir, base_model, clip_model, registry, dtype)
     try:
         choose = open_selector(request, image)
         if instruction == "-":
@@ -351,20 +352,21 @@ def eval_selector(
     cases: Path = typer.Option(..., "--cases", help="JSON Lines: {\"text\": ..., \"labels\": [...], \"kind\": optional}."),
     selector_heads: Optional[Path] = typer.Option(None, help="Text selector heads (default: the shipped ones)."),
     threshold: float = typer.Option(0.0, help="A plugin is selected when its score is above this."),
+    dtype: str = typer.Option("fp32", help="Text selector: fp32 (as trained) or bf16 (faster on CPUs with native bf16; scores rounded)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """ZTA, mAP, CP, OP, OR, CF1, OF1 of the text selector on labelled instructions, overall and per kind."""
     from .selection import evaluate_text_selector
 
     try:
-        report = evaluate_text_selector(cases, selector_heads, threshold)
+        report = evaluate_text_selector(cases, selector_heads, threshold, dtype)
     except DiffPluginError as exc:
         _fail(str(exc))
     if as_json:
         print(json.dumps(report))
         return
     columns = ("ZTA", "mAP", "CP", "OP", "OR", "CF1", "OF1", "cases")
-    table = Table(title=f"text selector on {cases}")
+    table = Table(title=f"text selector ({dtype}) on {cases}")
     table.add_column("kind")
     for column in columns:
         table.add_column(column, justify="right")

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 from . import __version__
 from .errors import DiffPluginError, ImageError
 from .registry import Registry, discover_plugins, find_plugin, plugin_search_path
-from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, save_heads
+from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, save_heads, text_selector_dtype
 from .selector_eval import evaluate, read_cases
 from .selector_training import SHIPPED_MEMBERS, TrainConfig, load_corpus, train_text_selector
 
@@ -24,6 +24,7 @@ class SelectRequest:
     base_model: str | None = None
     clip_model: str | None = None
     registry: str | os.PathLike | None = None
+    dtype: str = "fp32"  # text selector: fp32 or bf16
 
 
 def open_selector(request: SelectRequest, image: str | os.PathLike | None = None) -> Callable[[str], Selection]:
@@ -36,12 +37,14 @@ def open_selector(request: SelectRequest, image: str | os.PathLike | None = None
     dirs = plugin_search_path(request.plugin_dirs)
     installed = sorted(discover_plugins(dirs))
     if request.selector == "text":
-        selector = TextSelector.from_file(request.heads)
+        selector = TextSelector.from_file(request.heads, dtype=text_selector_dtype(request.dtype))
         known = [label for label in selector.labels if label != NULL_KEY]
         candidates = [name for name in installed if name in known] or known
         return lambda text: selector.select(text, candidates, request.threshold, registry.order)
     if request.selector != "reference":
         raise DiffPluginError(f"--selector {request.selector!r}: expected text or reference")
+    if request.dtype != "fp32":
+        raise DiffPluginError(f"--dtype {request.dtype}: text selector only (the reference selector runs in fp32, as the authors')")
     from .install import installed_selector
 
     heads = request.heads or installed_selector()
@@ -143,9 +146,10 @@ def train_reference_heads_file(out: str | os.PathLike, images: str | os.PathLike
     return save_heads(heads, out, _provenance(texts, settings, images=str(len(paths)), plugins=",".join(installed), base_model=base_model))
 
 
-def evaluate_text_selector(cases_path: str | os.PathLike, heads: str | os.PathLike | None = None, threshold: float = 0.0) -> dict:
+def evaluate_text_selector(cases_path: str | os.PathLike, heads: str | os.PathLike | None = None, threshold: float = 0.0,
+                           dtype: str = "fp32") -> dict:
     cases = read_cases(cases_path)
-    selector = TextSelector.from_file(heads)
+    selector = TextSelector.from_file(heads, dtype=text_selector_dtype(dtype))
     classes = [label for label in selector.labels if label != NULL_KEY]
     report = evaluate(cases, selector.raw_scores, classes, threshold)
-    return {"selector": "text", "heads": str(heads or "shipped"), "threshold": threshold, "cases": str(cases_path), "metrics": report}
+    return {"selector": "text", "heads": str(heads or "shipped"), "dtype": dtype, "threshold": threshold, "cases": str(cases_path), "metrics": report}

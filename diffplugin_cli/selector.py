@@ -140,14 +140,16 @@ class SentenceEncoder:
 
     `drop_top` leaves out the encoder's top layers, for a caller that reads only the states below
     them (the text selector, whose heads hold their own tuned copies of those layers): the states it
-    does read are unchanged, bit for bit, and each instruction skips that many layers."""
+    does read are unchanged, bit for bit, and each instruction skips that many layers. `dtype`
+    bfloat16 halves the cost of its matmuls on CPUs with native bf16 (AVX512-BF16, AMX)."""
 
-    def __init__(self, folder: str | Path | None = None, device: torch.device | str = "cpu", drop_top: int = 0):
+    def __init__(self, folder: str | Path | None = None, device: torch.device | str = "cpu", drop_top: int = 0,
+                 dtype: torch.dtype = torch.float32):
         from transformers import AutoModel, AutoTokenizer
 
         folder = Path(folder) if folder else packaged_sentence_model()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+        self.model = AutoModel.from_pretrained(folder, dtype=dtype).to(device).eval().requires_grad_(False)
         layers = self.model.encoder.layer
         self.model.encoder.layer = layers[: len(layers) - drop_top]
         self.model.config.num_hidden_layers = len(self.model.encoder.layer)
@@ -186,8 +188,21 @@ def clauses(instruction: str) -> list[str]:
     return parts or [instruction.strip()]
 
 
+TEXT_SELECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def text_selector_dtype(name: str) -> torch.dtype:
+    if name not in TEXT_SELECTOR_DTYPES:
+        raise DiffPluginError(f"--dtype {name!r}: the text selector runs in fp32 or bf16")
+    return TEXT_SELECTOR_DTYPES[name]
+
+
 class TextSelector:
-    """The default selector: instruction text only, offline, CPU."""
+    """The default selector: instruction text only, offline, CPU.
+
+    Heads and encoder share one dtype: fp32 by default, the precision the heads were trained in;
+    `from_file(dtype=torch.bfloat16)` is faster on CPUs with native bf16 and rounds the scores
+    (gating and the decision are done in fp32 either way)."""
 
     kind = "text"
 
@@ -195,13 +210,16 @@ class TextSelector:
         self.members = [member.eval() for member in ([heads] if isinstance(heads, TextSelectorHeads) else heads)]
         if len({(tuple(m.config.labels), m.config.tuned_layers, m.config.null_margin) for m in self.members}) != 1:
             raise DiffPluginError("the heads of an ensemble must share their labels, tuned layers and null margin")
-        self.encoder = encoder or SentenceEncoder(drop_top=self.members[0].config.tuned_layers)
+        self.encoder = encoder or SentenceEncoder(drop_top=self.members[0].config.tuned_layers, dtype=self.members[0].dtype)
+        if {m.dtype for m in self.members} != {self.encoder.model.dtype}:
+            raise DiffPluginError("the text selector's heads and sentence encoder must share one dtype")
         self.labels = list(self.members[0].config.labels)
 
     @classmethod
-    def from_file(cls, path: str | Path | None = None, encoder: SentenceEncoder | None = None) -> "TextSelector":
+    def from_file(cls, path: str | Path | None = None, encoder: SentenceEncoder | None = None,
+                  dtype: torch.dtype = torch.float32) -> "TextSelector":
         """Load the heads (one set or an ensemble) saved by `save_heads` (default: the ones shipped with the package)."""
-        return cls(load_text_heads(path), encoder)
+        return cls(load_text_heads(path, dtype), encoder)
 
     @torch.no_grad()
     def raw_scores(self, instruction: str) -> dict[str, float]:
@@ -215,7 +233,7 @@ class TextSelector:
         if not instruction.strip():
             return {label: (1.0 if label == NULL_KEY else 0.0) for label in self.labels}
         states = self.encoder.token_states(clauses(instruction), self.members[0].config.tuned_layers)
-        per_clause = torch.stack([member(*states) for member in self.members]).mean(dim=0)
+        per_clause = torch.stack([member(*states) for member in self.members]).float().mean(dim=0)
         null = per_clause[:, self.labels.index(NULL_KEY)].unsqueeze(1)
         gated = torch.where(per_clause > null + self.members[0].config.null_margin, per_clause, torch.zeros_like(per_clause))
         gated[:, self.labels.index(NULL_KEY)] = null[:, 0]
@@ -304,8 +322,8 @@ def load_prompt_tuner(path: str | Path) -> PromptTuner:
     return heads.requires_grad_(False)
 
 
-def load_text_heads(path: str | Path | None = None) -> list[TextSelectorHeads]:
-    """The heads in a file written by `save_heads`: one set, or the members of an ensemble."""
+def load_text_heads(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> list[TextSelectorHeads]:
+    """The heads in a file written by `save_heads` (one set, or the members of an ensemble), in `dtype`."""
     import json
 
     from safetensors import safe_open
@@ -325,7 +343,8 @@ def load_text_heads(path: str | Path | None = None) -> list[TextSelectorHeads]:
     for member in members:
         heads = TextSelectorHeads(**config)
         heads.load_state_dict(member, strict=True)
-        loaded.append(heads.requires_grad_(False))
+        # nn.Module.to: ModelMixin.to warns on every dtype cast, even a no-op one.
+        loaded.append(nn.Module.to(heads, dtype=dtype).requires_grad_(False))
     return loaded
 
 
