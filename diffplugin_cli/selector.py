@@ -176,16 +176,40 @@ def packaged_sentence_model() -> Path:
 
 
 _CLAUSE_SPLIT = re.compile(
-    r"\s*(?:[,;.!?]+|\band then\b|\bthen\b|\band also\b|\band\b|\bbut\b|\balso\b|\bplus\b|\bas well as\b|\bafter that\b|\bwhile\b|&|\+)\s*"
+    r"\s*([,;.!?]+|\band then\b|\bthen\b|\band also\b|\band\b|\bbut\b|\balso\b|\bplus\b|\bas well as\b|\bafter that\b|\bwhile\b|&|\+)\s*"
     r"|\s+(?=without\b)",  # "without ..." starts a clause of its own and keeps the word
     re.IGNORECASE,
 )
+_DETERMINER = r"(?:the|a|an|all|any|some|my|his|her|their|our|your|this|that|these|those)\b"
+_STARTS_WITH_DETERMINER = re.compile(_DETERMINER, re.IGNORECASE)
+_ANY_DETERMINER = re.compile(r"\b" + _DETERMINER, re.IGNORECASE)
 
 
 def clauses(instruction: str) -> list[str]:
-    """Split an instruction into the clauses the text selector scores one by one."""
-    parts = [part.strip() for part in _CLAUSE_SPLIT.split(instruction) if part and part.strip()]
-    return parts or [instruction.strip()]
+    """Split an instruction into the clauses the text selector scores one by one.
+
+    A noun phrase joined by "and" to the previous clause takes that clause's verb: "leave the
+    darkness and the snow" is "leave the darkness" | "leave the snow", so the refusal covers the
+    snow too, and "remove the rain and the fog" still names two tasks, one per clause."""
+    pieces = _CLAUSE_SPLIT.split(instruction)  # text, delimiter, text, ... (None for "without")
+    found: list[str] = []
+    for text, joined_by in zip(pieces[::2], [None, *pieces[1::2]]):
+        clause = text.strip() if text else ""
+        if not clause:
+            continue
+        if found and joined_by and joined_by.lower() == "and":
+            clause = _with_verb_of(found[-1], clause)
+        found.append(clause)
+    return found or [instruction.strip()]
+
+
+def _with_verb_of(previous: str, clause: str) -> str:
+    """"the snow" after "leave the darkness" -> "leave the snow"; any other clause as it is."""
+    if not _STARTS_WITH_DETERMINER.match(clause) or _STARTS_WITH_DETERMINER.match(previous):
+        return clause
+    first = _ANY_DETERMINER.search(previous)
+    verb = previous[: first.start()].strip() if first else ""
+    return f"{verb} {clause}" if verb else clause
 
 
 TEXT_SELECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -169,6 +169,21 @@ def test_clauses():
     assert clauses("remove snow and brighten") == ["remove snow", "brighten"]
     assert clauses("fix the stripes without changing the face") == ["fix the stripes", "without changing the face"]
     assert clauses("   ") == [""]
+    # a noun phrase joined by "and" takes the verb of the clause before it
+    assert clauses("leave the darkness and the snow, restore the faces") == ["leave the darkness", "leave the snow", "restore the faces"]
+    assert clauses("keep the fog and the rain AND the glare") == ["keep the fog", "keep the rain", "keep the glare"]
+    assert clauses("wipe out the rain streaks and the glare") == ["wipe out the rain streaks", "wipe out the glare"]
+    assert clauses("the portrait is dark and the face is damaged") == ["the portrait is dark", "the face is damaged"]
+    assert clauses("remove rain and then the fog") == ["remove rain", "the fog"]
+    assert clauses("keep it, and the fog") == ["keep it", "the fog"]
+
+
+def test_a_refusal_covers_every_noun_joined_by_and(text_selector):
+    """"leave A and B": B is refused too, not read as a request of its own."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("keep the fog and the rain as they are", tasks).is_none
+    assert text_selector.select("leave the haze and the snow, sharpen the photo", tasks).selected == ["deblur"]
+    assert set(text_selector.select("get rid of the rain and the fog", tasks).selected) == {"derain", "dehaze"}
 
 
 def test_metrics_follow_the_paper_definitions():
