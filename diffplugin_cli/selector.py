@@ -141,7 +141,7 @@ class SentenceEncoder:
     `drop_top` leaves out the encoder's top layers, for a caller that reads only the states below
     them (the text selector, whose heads hold their own tuned copies of those layers): the states it
     does read are unchanged, bit for bit, and each instruction skips that many layers. `dtype`
-    bfloat16 halves the cost of its matmuls on CPUs with native bf16 (AVX512-BF16, AMX)."""
+    bfloat16 is for CPUs with native bf16 (AVX512-BF16, AMX), where its matmuls are faster."""
 
     def __init__(self, folder: str | Path | None = None, device: torch.device | str = "cpu", drop_top: int = 0,
                  dtype: torch.dtype = torch.float32):
