@@ -19,14 +19,15 @@ tests/data/selector_heldout_v13.jsonl (300 cases, written after v12 made its cho
 tests/data/selector_heldout_v14.jsonl (300 cases, written after v13 made its choice),
 tests/data/selector_heldout_v15.jsonl (300 cases, written after v14 made its choice),
 tests/data/selector_heldout_v16.jsonl (300 cases, written after v15 made its choice) and
-tests/data/selector_heldout_v17.jsonl (300 cases, written after v16 made its choice, not yet used).
+tests/data/selector_heldout_v17.jsonl (300 cases, written after v16 made its choice).
 Each was committed before anything was measured with it and made one choice when first read; only
 after that did its errors guide later changes, judged on the next set. v3 to v7 together chose the
-ensemble of training runs over a single one; v8 to v16 one more each (against more inverse
+ensemble of training runs over a single one; v8 to v17 one more each (against more inverse
 requests in the corpus, 1600 training steps and two tuned encoder layers; for two tuned layers
 with a null margin; for compound clauses in the corpus; for refusal, inverse and edit phrasings;
-for phrasings that name what the photo shows; for wanted-damage and other-fix phrasings, the heads
-shipped now; for giving a noun phrase after "and" the verb of the clause before it), see README. Then
+for phrasings that name what the photo shows; for wanted-damage and other-fix phrasings; for giving a
+noun phrase after "and" the verb of the clause before it; for drawing training texts by source, the
+heads shipped now), see README. Then
 tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide
 corpus changes).
 

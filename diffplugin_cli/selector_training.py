@@ -16,9 +16,11 @@ text encoder's pooled outputs and the plugins' F^p are computed once.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,8 +49,11 @@ def label_parts(label: str) -> list[str]:
 
 @dataclass
 class LabelledTexts:
+    """Training texts, each with its label and the generator it came from (`sources`: a corpus file,
+    a template kind of `vocabulary.toml`; empty when unknown), which training draws from evenly."""
     texts: list[str]
     labels: list[str]
+    sources: list[str] = field(default_factory=list)
 
 
 def packaged_corpus() -> Path:
@@ -64,46 +69,49 @@ def load_corpus(folder: str | Path | None = None, tasks: Sequence[str] | None = 
     tasks = list(tasks) if tasks else sorted(p.stem for p in folder.glob("*.txt") if p.stem not in TEMPLATE_FILES)
     corpus = LabelledTexts([], [])
 
-    def add(text: str, label: str) -> None:
+    def add(text: str, label: str, source: str) -> None:
         rng = random.Random(f"{seed}:{label}:{text}")  # each line's variants stay put when other lines change
         forms = {text} | {f"{rng.choice(PREFIXES)}{text}{rng.choice(SUFFIXES)}".strip() for _ in range(variants)}
         for form in sorted(forms):
             corpus.texts.append(form)
             corpus.labels.append(label)
+            corpus.sources.append(source)
 
     for task in tasks:
         for line in _lines(folder / f"{task}.txt"):
-            add(line, task)
+            add(line, task, f"{task}.txt")
     for line in _lines(folder / "none.txt"):
-        add(line, NULL_KEY)
+        add(line, NULL_KEY, "none.txt")
     objects = tomllib.loads((folder / "objects.toml").read_text(encoding="utf-8")) if (folder / "objects.toml").is_file() else {}
-    for template in _lines(folder / "negation.txt") + _lines(folder / "inverse.txt"):
-        for task in tasks:
-            for word in objects.get(task, ()):
-                add(template.format(obj=word), NULL_KEY)
+    for name in ("negation.txt", "inverse.txt"):
+        for template in _lines(folder / name):
+            for task in tasks:
+                for word in objects.get(task, ()):
+                    add(template.format(obj=word), NULL_KEY, name)
     if (folder / "vocabulary.toml").is_file():
         vocabulary = tomllib.loads((folder / "vocabulary.toml").read_text(encoding="utf-8"))
-        for text, label in compose_vocabulary(vocabulary, tasks, seed):
+        for text, label, source in compose_vocabulary(vocabulary, tasks, seed):
             corpus.texts.append(text)
             corpus.labels.append(label)
+            corpus.sources.append(f"vocabulary:{source}")
     return corpus
 
 
-def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) -> list[tuple[str, str]]:
+def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) -> list[tuple[str, str, str]]:
     """`vocabulary.toml` filled into its templates: every verb with every word of a task (one random
     template each), a few random templates per noun, adjective, task name and fix; labelled null, the
     same words in refusals ("keep it dark", "no dehazing"), the inverse edits ("make it foggy") and
-    the out-of-scope edits.
+    the out-of-scope edits. Each text comes as (text, label, template kind).
 
     Each word draws its templates from its own seeded generator, so editing one list of the file
     leaves the phrasings of every other word as they were."""
     templates, verbs = vocabulary["templates"], vocabulary["verbs"]
 
-    def fill(kind: str, count: int, label: str, key: str, **words: str) -> list[tuple[str, str]]:
+    def fill(kind: str, count: int, label: str, key: str, **words: str) -> list[tuple[str, str, str]]:
         chosen = random.Random(f"{seed}:{kind}:{key}").sample(templates[kind], count)
-        return [(template.format(**words), label) for template in chosen]
+        return [(template.format(**words), label, kind) for template in chosen]
 
-    pairs: list[tuple[str, str]] = []
+    pairs: list[tuple[str, str, str]] = []
     for task in tasks:
         words = vocabulary.get("tasks", {}).get(task)
         if not words:
@@ -132,19 +140,20 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
         pairs += compose_subjects(vocabulary, task, words, seed)
     pairs += compose_compounds(vocabulary, tasks, seed)
     for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
-        pairs += [(template.format(adj=adjective), NULL_KEY) for template in templates["inverse"]]
+        pairs += [(template.format(adj=adjective), NULL_KEY, "inverse") for template in templates["inverse"]]
     edits = vocabulary.get("edits", {})
     everyone = subject_pool(vocabulary.get("subjects", {}))
     for group in (value for value in edits.values() if isinstance(value, dict)):
         for verb in group["verbs"]:
             for thing in group["things"]:
                 template = random.Random(f"{seed}:edit:{verb}:{thing}").choice(edits["templates"])
-                pairs.append((template.format(verb=verb, thing=thing), NULL_KEY))
+                pairs.append((template.format(verb=verb, thing=thing), NULL_KEY, "edit"))
         # each thing once more in a photo of a subject, so a subject cues no task: "add a hat in the photo of the bride"
         for thing in group["things"] if everyone else ():
             rng = random.Random(f"{seed}:edit-subject:{thing}")
             subject = rng.choice(everyone)
-            pairs.append((rng.choice(templates["edit_subject"]).format(verb=rng.choice(group["verbs"]), thing=thing, subject=subject), NULL_KEY))
+            pairs.append((rng.choice(templates["edit_subject"]).format(verb=rng.choice(group["verbs"]), thing=thing, subject=subject), NULL_KEY,
+                          "edit_subject"))
     return pairs
 
 
@@ -153,7 +162,7 @@ def subject_pool(subjects: dict[str, list[str]], groups: Sequence[str] | None = 
     return [subject for group in (groups if groups is not None else subjects) for subject in subjects[group]]
 
 
-def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) -> list[tuple[str, str]]:
+def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) -> list[tuple[str, str, str]]:
     """The task's words in a photo of a subject ("derain the picture of the harbour", "the photo of
     the bride is pixelated in the face"), and the same with the damage kept (null: "the fog over the
     bridge can stay"). Users name what their photo shows; without these the heads meet subjects only
@@ -167,9 +176,9 @@ def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) ->
     pool = subject_pool(subjects, words.get("subjects"))
     task_verbs = vocabulary["verbs"][words["verbs"]]
 
-    def fill(kind: str, label: str, key: str, **slots: str) -> tuple[str, str]:
+    def fill(kind: str, label: str, key: str, **slots: str) -> tuple[str, str, str]:
         rng = random.Random(f"{seed}:{kind}:{task}:{key}")
-        return rng.choice(templates[kind]).format(subject=rng.choice(pool), **slots), label
+        return rng.choice(templates[kind]).format(subject=rng.choice(pool), **slots), label, kind
 
     pairs = []
     for noun in words["nouns"]:
@@ -184,7 +193,7 @@ def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) ->
     return pairs
 
 
-def compose_compounds(vocabulary: dict, tasks: Sequence[str], seed: int = 0) -> list[tuple[str, str]]:
+def compose_compounds(vocabulary: dict, tasks: Sequence[str], seed: int = 0) -> list[tuple[str, str, str]]:
     """`[compound]` of `vocabulary.toml`: clauses that name two damages at once, labelled with both
     tasks. The clause splitter cannot separate "the snowy photo is too dark", so the heads must learn
     that one clause can ask for two plugins. Each attribute of a task (snowy) goes with every other
@@ -194,7 +203,7 @@ def compose_compounds(vocabulary: dict, tasks: Sequence[str], seed: int = 0) -> 
     if not compound:
         return []
     words = vocabulary.get("tasks", {})
-    pairs: list[tuple[str, str]] = []
+    pairs: list[tuple[str, str, str]] = []
     for first in tasks:
         for attribute in compound["attributes"].get(first, ()):
             for second in (task for task in tasks if task != first and task in words):
@@ -204,7 +213,7 @@ def compose_compounds(vocabulary: dict, tasks: Sequence[str], seed: int = 0) -> 
                 usable = [t for t in compound["templates"] if all(fillers[key] for key in fillers if f"{{{key}}}" in t)]
                 for template in rng.sample(usable, min(compound["per_pair"], len(usable))):
                     text = template.format(attr=attribute, **{key: rng.choice(values) for key, values in fillers.items() if values})
-                    pairs.append((text, LABEL_JOIN.join(sorted((first, second)))))
+                    pairs.append((text, LABEL_JOIN.join(sorted((first, second))), "compound"))
     return pairs
 
 
@@ -242,23 +251,50 @@ def negatives_by_label(by_label: dict[int, list[int]]) -> dict[int, list[int]]:
     return negatives
 
 
+@dataclass
+class LabelPool:
+    """One label's texts grouped by source. `draw` picks a source with probability proportional to
+    the square root of its size, then one of its texts: drawn uniformly over the label, a template
+    kind of twenty-six texts ("don't dehaze it") would meet the loss a seventh as often, since
+    null's 6585 "leave the snow alone"/"add snow" template texts would take 70% of its draws."""
+    groups: list[list[int]]
+
+    def __post_init__(self) -> None:
+        self.cumulative = list(itertools.accumulate(math.sqrt(len(group)) for group in self.groups))
+
+    def draw(self, rng: random.Random) -> int:
+        group = self.groups[0] if len(self.groups) == 1 else rng.choices(self.groups, cum_weights=self.cumulative)[0]
+        return rng.choice(group)
+
+
+def source_pools(corpus: LabelledTexts, by_label: dict[int, list[int]]) -> dict[int, LabelPool]:
+    """Each label's `LabelPool` (one group when the corpus has no sources)."""
+    pools = {}
+    for label, texts in by_label.items():
+        groups: dict[str, list[int]] = {}
+        for i in texts:
+            groups.setdefault(corpus.sources[i] if corpus.sources else "", []).append(i)
+        pools[label] = LabelPool(list(groups.values()))
+    return pools
+
+
 def contrastive_step(
     similarity: Callable[[list[int], list[int]], torch.Tensor],
-    by_label: dict[int, list[int]],
+    pools: dict[int, LabelPool],
     negatives: dict[int, list[int]],
     config: TrainConfig,
     rng: random.Random,
 ) -> torch.Tensor:
-    """Eq. 6 over one batch: anchors of random labels, 1 positive + N negatives each.
+    """Eq. 6 over one batch: anchors of random labels, 1 positive (`LabelPool.draw`) + N negatives each.
 
     `similarity(anchor_labels, text_indices)` gives cos(anchor key, text) [A, T]."""
-    labels = list(by_label)
+    labels = list(pools)
     anchors, candidates = [], []
     for _ in range(config.batch_size):
         label = rng.choice(labels)
         others = negatives[label]
         anchors.append(label)
-        candidates.append([rng.choice(by_label[label])] + rng.sample(others, min(config.negatives, len(others))))
+        candidates.append([pools[label].draw(rng)] + rng.sample(others, min(config.negatives, len(others))))
     width = min(len(c) for c in candidates)
     texts = [i for c in candidates for i in c[:width]]  # [B * (1 + N)]
     cos = similarity(anchors, texts).reshape(len(anchors), len(anchors), width)
@@ -285,17 +321,18 @@ class CachedStates:
 def selector_loss(
     similarity: Callable[[list[int], list[int]], torch.Tensor],
     scores: Callable[[list[int]], torch.Tensor],
-    by_label: dict[int, list[int]],
+    pools: dict[int, LabelPool],
     negatives: dict[int, list[int]],
     targets: torch.Tensor,
     config: TrainConfig,
     rng: random.Random,
 ) -> torch.Tensor:
     """Eq. 6 plus the calibration term: BCE of `scores(texts)` [T, labels] against each text's labels
-    (`targets`, multi-hot), on texts drawn label-balanced, so the large null class does not dominate."""
-    loss = contrastive_step(similarity, by_label, negatives, config, rng)
+    (`targets`, multi-hot), on texts drawn label-balanced (then by source, `LabelPool.draw`), so the
+    large null class does not dominate."""
+    loss = contrastive_step(similarity, pools, negatives, config, rng)
     if config.calibration_weight:
-        texts = [rng.choice(by_label[rng.randrange(len(by_label))]) for _ in range(config.batch_size * 4)]
+        texts = [pools[rng.randrange(len(pools))].draw(rng) for _ in range(config.batch_size * 4)]
         loss = loss + config.calibration_weight * F.binary_cross_entropy_with_logits(scores(texts), targets[texts])
     return loss
 
@@ -337,7 +374,7 @@ def train_text_selector(
     names = sorted({part for label in corpus.labels for part in label_parts(label)} - {NULL_KEY}) + [NULL_KEY]
     cache = CachedStates(encoder, corpus.texts, config.tuned_layers)
     targets, by_label = label_index(corpus, names)
-    negatives = negatives_by_label(by_label)
+    negatives, pools = negatives_by_label(by_label), source_pools(corpus, by_label)
     encoder_config = {key: getattr(encoder.model.config, key) for key in LAYER_CONFIG_KEYS} if config.tuned_layers else None
     heads = TextSelectorHeads(labels=tuple(names), text_dim=encoder.model.config.hidden_size, tuned_layers=config.tuned_layers,
                               encoder_config=encoder_config, null_margin=config.null_margin)
@@ -368,7 +405,7 @@ def train_text_selector(
             return keys @ F.normalize(embed(texts), dim=-1).T  # [A, T]
 
         return selector_loss(similarity, lambda texts: cosine_scores(heads.label_keys, embed(texts), heads.logit_scale),
-                             by_label, negatives, targets, config, rng)
+                             pools, negatives, targets, config, rng)
 
     optimise(groups, step_loss, config, log)
     return heads.eval().requires_grad_(False)
@@ -391,7 +428,7 @@ def train_reference_selector(
     names = sorted(plugin_keys) + [NULL_KEY]
     key_sets = [plugin_keys[name] for name in sorted(plugin_keys)] + [null_key.reshape(1, -1)]
     targets, by_label = label_index(corpus, names)
-    negatives = negatives_by_label(by_label)
+    negatives, pools = negatives_by_label(by_label), source_pools(corpus, by_label)
     heads = PromptTuner(dim=text_embeddings.shape[1]).train()
 
     def anchors(labels: Sequence[int]) -> torch.Tensor:
@@ -404,5 +441,5 @@ def train_reference_selector(
         return cosine_scores(anchors(range(len(names))), heads.proj_t(text_embeddings[texts]), heads.logit_scale)
 
     optimise([{"params": list(heads.parameters()), "lr": config.lr}],
-             lambda: selector_loss(similarity, scores, by_label, negatives, targets, config, rng), config, log)
+             lambda: selector_loss(similarity, scores, pools, negatives, targets, config, rng), config, log)
     return heads.eval().requires_grad_(False)

@@ -38,6 +38,7 @@ from diffplugin_cli.selector_training import (
     contrastive_step,
     label_index,
     negatives_by_label,
+    source_pools,
     load_corpus,
     packaged_corpus,
     tomllib,
@@ -263,7 +264,8 @@ def test_a_text_is_never_a_negative_of_its_own_labels():
     """Eq. 6 with several labels per text: a compound clause is a positive of each of its tasks and
     never among the negatives of an anchor of one of them."""
     labels = ["desnow", "lowlight", "desnow+lowlight", NULL_KEY] * 3
-    targets, by_label = label_index(LabelledTexts([str(i) for i in range(len(labels))], labels), ["desnow", "lowlight", NULL_KEY])
+    corpus = LabelledTexts([str(i) for i in range(len(labels))], labels)
+    targets, by_label = label_index(corpus, ["desnow", "lowlight", NULL_KEY])
     seen = {}
 
     def similarity(anchors, texts):
@@ -271,12 +273,30 @@ def test_a_text_is_never_a_negative_of_its_own_labels():
         return torch.zeros(len(anchors), len(texts))
 
     for seed in range(20):
-        contrastive_step(similarity, by_label, negatives_by_label(by_label), TrainConfig(batch_size=6, negatives=7), random.Random(seed))
+        contrastive_step(similarity, source_pools(corpus, by_label), negatives_by_label(by_label), TrainConfig(batch_size=6, negatives=7),
+                         random.Random(seed))
         width = len(seen["texts"]) // len(seen["anchors"])
         for row, anchor in enumerate(seen["anchors"]):
             positive, *negatives = seen["texts"][row * width:(row + 1) * width]
             assert targets[positive, anchor] == 1 and negatives
             assert all(targets[text, anchor] == 0 for text in negatives)
+
+
+def test_training_draws_rare_phrasings_more_often_than_their_share():
+    """A label's text is drawn by source (a corpus file, a template kind) with probability in
+    proportion to the square root of its size, then uniformly: the 26 "don't dehaze it"-type refusals
+    must not drown among null's thousands of template texts. Without sources, draws are uniform."""
+    corpus = load_corpus(variants=0)
+    assert len(corpus.sources) == len(corpus.texts)
+    source_of = dict(zip(corpus.texts, corpus.sources))
+    assert source_of["don't dehaze it"] == "vocabulary:decline" and source_of["leave the snow alone"] == "negation.txt"
+    labels = [NULL_KEY] * 104
+    common, rare = LabelledTexts([str(i) for i in range(104)], labels, ["many"] * 100 + ["few"] * 4), LabelledTexts([str(i) for i in range(104)], labels)
+    for texts, expected in ((common, 2 / 12), (rare, 4 / 104)):  # sqrt(4) / (sqrt(100) + sqrt(4)); uniform: 4 of 104
+        pool = source_pools(texts, label_index(texts, [NULL_KEY])[1])[0]
+        rng = random.Random(0)
+        share = sum(pool.draw(rng) >= 100 for _ in range(20000)) / 20000
+        assert abs(share - expected) < 0.01, (share, expected)
 
 
 def test_tuned_layers_start_as_the_encoders_top_layers_and_round_trip(tmp_path):
