@@ -50,7 +50,7 @@ def label_parts(label: str) -> list[str]:
 @dataclass
 class LabelledTexts:
     """Training texts, each with its label and the generator it came from (`sources`: a corpus file,
-    a template kind of `vocabulary.toml`; empty when unknown), which training draws from evenly."""
+    a template kind of `vocabulary.toml`; empty when unknown), by which training draws (`LabelPool`)."""
     texts: list[str]
     labels: list[str]
     sources: list[str] = field(default_factory=list)
