@@ -269,11 +269,12 @@ class LabelPool:
 
 def source_pools(corpus: LabelledTexts, by_label: dict[int, list[int]]) -> dict[int, LabelPool]:
     """Each label's `LabelPool` (one group when the corpus has no sources)."""
+    sources = corpus.sources or [""] * len(corpus.texts)
     pools = {}
     for label, texts in by_label.items():
         groups: dict[str, list[int]] = {}
         for i in texts:
-            groups.setdefault(corpus.sources[i] if corpus.sources else "", []).append(i)
+            groups.setdefault(sources[i], []).append(i)
         pools[label] = LabelPool(list(groups.values()))
     return pools
 

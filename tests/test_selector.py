@@ -291,8 +291,9 @@ def test_training_draws_rare_phrasings_more_often_than_their_share():
     source_of = dict(zip(corpus.texts, corpus.sources))
     assert source_of["don't dehaze it"] == "vocabulary:decline" and source_of["leave the snow alone"] == "negation.txt"
     labels = [NULL_KEY] * 104
-    common, rare = LabelledTexts([str(i) for i in range(104)], labels, ["many"] * 100 + ["few"] * 4), LabelledTexts([str(i) for i in range(104)], labels)
-    for texts, expected in ((common, 2 / 12), (rare, 4 / 104)):  # sqrt(4) / (sqrt(100) + sqrt(4)); uniform: 4 of 104
+    texts = [str(i) for i in range(104)]
+    with_sources, without_sources = LabelledTexts(texts, labels, ["many"] * 100 + ["few"] * 4), LabelledTexts(texts, labels)
+    for texts, expected in ((with_sources, 2 / 12), (without_sources, 4 / 104)):  # sqrt(4) / (sqrt(100) + sqrt(4)); uniform: 4 of 104
         pool = source_pools(texts, label_index(texts, [NULL_KEY])[1])[0]
         rng = random.Random(0)
         share = sum(pool.draw(rng) >= 100 for _ in range(20000)) / 20000
