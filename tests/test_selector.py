@@ -199,15 +199,24 @@ def test_metrics_follow_the_paper_definitions():
     assert result["CP"] == (1.0 + 0.5) / 2 and result["mAP"] == 1.0
 
 
+def per_label_sample(corpus: LabelledTexts, per_label: int, seed: int = 0) -> LabelledTexts:
+    """At most `per_label` texts of each label of `corpus`, drawn at random, in corpus order."""
+    rng, by_label = random.Random(seed), {}
+    for row, label in enumerate(corpus.labels):
+        by_label.setdefault(label, []).append(row)
+    rows = sorted(row for label_rows in by_label.values() for row in rng.sample(label_rows, min(per_label, len(label_rows))))
+    return LabelledTexts(*([column[row] for row in rows] for column in (corpus.texts, corpus.labels, corpus.sources)))
+
+
 def test_training_on_a_small_corpus_raises_held_out_zta():
     encoder = SentenceEncoder()
-    corpus = load_corpus(variants=0)
+    corpus = per_label_sample(load_corpus(variants=0), per_label=20)  # every task, null and pair; ~500 texts
     cases = read_cases(HELDOUT)
     # Fine-tuned top layers, as shipped, on fewer texts per step; gated at null itself (margin 0), so
     # that the untrained heads cannot pass for "none" by the margin alone.
     small = TrainConfig(batch_size=8, null_margin=0.0)
     untrained = train_text_selector(corpus, encoder, replace(small, steps=0))
-    trained = train_text_selector(corpus, encoder, replace(small, steps=100))
+    trained = train_text_selector(corpus, encoder, replace(small, steps=40))
     tasks = [label for label in trained.config.labels if label != NULL_KEY]
     before = evaluate(cases, TextSelector(untrained, encoder).raw_scores, tasks)["overall"]["ZTA"]
     after = evaluate(cases, TextSelector(trained, encoder).raw_scores, tasks)["overall"]["ZTA"]
@@ -306,7 +315,7 @@ def test_tuned_layers_start_as_the_encoders_top_layers_and_round_trip(tmp_path):
     """Untrained, the copied top layers reproduce the frozen encoder's mean-pooled embeddings; trained
     weights survive save/load, so the shipped file alone (plus the packaged encoder) gives the scores."""
     encoder = SentenceEncoder()
-    corpus = load_corpus(variants=0)
+    corpus = load_corpus(small_corpus(tmp_path / "corpus"))
     texts = ["remove the snow", "don't remove the fog, only brighten it", "x"]
     untrained = train_text_selector(corpus, encoder, TrainConfig(steps=0))
     states, mask = encoder.token_states(texts)
@@ -511,13 +520,19 @@ def test_train_reference_selector_learns_from_plugin_features(tmp_path):
 
 
 def test_eval_selector_cli(tmp_path):
-    result = CliRunner().invoke(app, ["eval", "selector", "--cases", str(HELDOUT), "--json"])
+    """Schema and dtype of `eval selector` on a few held-out cases of each kind (the metrics have their own tests)."""
+    per_kind: dict[str, list[str]] = {}
+    for line in HELDOUT.read_text(encoding="utf-8").splitlines():
+        per_kind.setdefault(json.loads(line)["kind"], []).append(line)
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(line + "\n" for lines in per_kind.values() for line in lines[:4]), encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", "selector", "--cases", str(cases), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["metrics"]
     assert {"overall", "single", "multi", "none", "single+unsupported", "negation"} == set(report)
     assert {"ZTA", "mAP", "CP", "OP", "OR", "CF1", "OF1"} <= set(report["overall"])
     assert json.loads(result.stdout)["dtype"] == "fp32"
-    bf16 = CliRunner().invoke(app, ["eval", "selector", "--cases", str(HELDOUT), "--dtype", "bf16", "--json"])
+    bf16 = CliRunner().invoke(app, ["eval", "selector", "--cases", str(cases), "--dtype", "bf16", "--json"])
     assert bf16.exit_code == 0, bf16.output
     assert json.loads(bf16.stdout)["dtype"] == "bf16"
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
@@ -585,17 +600,35 @@ def test_run_with_reference_selector_selects_per_image(tmp_path, pipeline, plugi
 
 
 @pytest.mark.slow
-def test_shipped_text_heads_are_reproduced_by_the_documented_command(tmp_path):
-    """`diffplugin train selector --out ...` with defaults gives exactly the shipped heads."""
+def test_a_shipped_text_head_is_reproduced_by_the_documented_command(tmp_path):
+    """The shipped heads are `diffplugin train selector --out ...` with defaults: three members, seeds
+    0, 1, 2, each the run `--members 1 --seed K` (test_training_an_ensemble_is_training_each_seed_alone).
+    Retraining all three takes 45 to 80 minutes here, too long for CI, so this retrains the last
+    member, whose seed and corpus draw come from the offset. Bits depend on the CPU's kernels (AVX2
+    and AVX-512 round differently; 8e-5 apart after 800 steps here), so it asks for the same tensors
+    to rounding and the same selections."""
     from importlib import resources
 
     import torch
 
-    result = CliRunner().invoke(app, ["train", "selector", "--out", str(tmp_path / "heads.safetensors")])
+    member = 2
+    out = tmp_path / "heads.safetensors"
+    result = CliRunner().invoke(app, ["train", "selector", "--members", "1", "--seed", str(member), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    shipped_path = resources.files("diffplugin_cli") / "text_selector.safetensors"
-    shipped, retrained = load_file(str(shipped_path)), load_file(tmp_path / "heads.safetensors")
-    assert shipped.keys() == retrained.keys()
-    assert all(torch.equal(shipped[k], retrained[k]) for k in shipped)
-    with safe_open(str(shipped_path), framework="pt") as a, safe_open(str(tmp_path / "heads.safetensors"), framework="pt") as b:
-        assert a.metadata() == b.metadata()  # config (tuned layers, null margin) and provenance
+    shipped_path = str(resources.files("diffplugin_cli") / "text_selector.safetensors")
+    shipped, [retrained] = load_text_heads(shipped_path)[member], load_text_heads(out)
+    assert shipped.state_dict().keys() == retrained.state_dict().keys()
+    assert all(torch.allclose(value, retrained.state_dict()[key], rtol=0, atol=1e-3) for key, value in shipped.state_dict().items())
+    encoder = SentenceEncoder(drop_top=shipped.config.tuned_layers)
+    alone, again = TextSelector(shipped, encoder), TextSelector(retrained, encoder)
+    tasks = [label for label in alone.labels if label != NULL_KEY]
+    for case in read_cases(HELDOUT):
+        assert again.raw_scores(case["text"]) == pytest.approx(alone.raw_scores(case["text"]), abs=1e-3), case["text"]
+        assert again.select(case["text"], tasks).selected == alone.select(case["text"], tasks).selected, case["text"]
+    with safe_open(shipped_path, framework="pt") as a, safe_open(str(out), framework="pt") as b:
+        shipped_meta, retrained_meta = a.metadata(), b.metadata()
+    # Config (tuned layers, null margin) and training settings agree; the ensemble's own fields differ.
+    assert (shipped_meta["members"], shipped_meta["seed"], retrained_meta["seed"]) == ("3", "0", str(member))
+    assert shipped_meta["corpus_texts"].split(",")[member] == retrained_meta["corpus_texts"]
+    differing = {"members", "seed", "corpus_texts"}
+    assert {k: v for k, v in shipped_meta.items() if k not in differing} == {k: v for k, v in retrained_meta.items() if k not in differing}
