@@ -605,9 +605,9 @@ def test_a_shipped_text_head_is_reproduced_by_the_documented_command(tmp_path):
     """The shipped heads are `diffplugin train selector --out ...` with defaults: three members, seeds
     0, 1, 2, each the run `--members 1 --seed K` (test_training_an_ensemble_is_training_each_seed_alone).
     Retraining all three takes 45 to 80 minutes here, too long for CI, so this retrains the last
-    member, whose seed and corpus draw come from the offset. Bits depend on the CPU's kernels (AVX2
-    and AVX-512 round differently; 8e-5 apart after 800 steps here), so it asks for the same tensors
-    to rounding and the same selections."""
+    member, whose seed and corpus draw come from the offset. Bits depend on the CPU's kernels (on
+    a machine other than the one that trained them, 8e-5 apart after 800 steps), so it asks for the
+    same tensors to rounding and the same selections."""
     from importlib import resources
 
     import torch
