@@ -30,7 +30,7 @@ requests in the corpus, 1600 training steps and two tuned encoder layers; for tw
 with a null margin; for compound clauses in the corpus; for refusal, inverse and edit phrasings;
 for phrasings that name what the photo shows; for wanted-damage and other-fix phrasings; for giving a
 noun phrase after "and" the verb of the clause before it; for drawing training texts by source, the
-heads shipped now), see README; v18 and v19 chose nothing (their candidates tied), and v20 is not read yet. Then
+heads shipped now), see README; v18, v19 and v20 chose nothing (their candidates tied). Then
 tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide
 corpus changes).
 
