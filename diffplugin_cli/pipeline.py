@@ -17,6 +17,7 @@ from PIL import Image
 
 from .models import predict_noise
 from .loading import BaseModels, load_base_models, resolve_device, resolve_dtype, speed_up
+from .memory import release_mapped_weights
 from .plugins import TaskPlugin
 from .sizing import resize_for_rule
 from .tiling import LatentTiling, choose_tile, vae_tiling
@@ -37,6 +38,9 @@ class DiffPluginPipeline:
         self._placed: set[int] = set()
         self.decode_retried = False  # whether the last call had to redo a half-precision decode in fp32
         self.last_tiling: dict | None = None  # how the last call tiled a native-size batch, if it did
+        # CLIP vision is not needed again until the next batch: on CPU its weights, mapped from
+        # disk, leave RSS while the batch denoises and decodes (memory.py). Off for the bench's authors mode.
+        self.release_clip_weights = True
 
     @classmethod
     def from_pretrained(
@@ -82,6 +86,8 @@ class DiffPluginPipeline:
             return current
         if hidden_states is None:
             hidden_states = self.clip_hidden_states(images)
+        if self.release_clip_weights:
+            release_mapped_weights(self.base.clip_vision)
         tiling = self._tiling(current[0].size, len(images), tile_size) if size_rule == "native" else None
         with vae_tiling(self.base.vae, tiling.tile * self.base.vae_scale_factor) if tiling else contextlib.nullcontext():
             for stage, plugin in enumerate(plugins):

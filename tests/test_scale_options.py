@@ -1,8 +1,10 @@
-"""Large images in latent tiles, offloading, channels-last and torch.compile, on the tiny base."""
+"""Large images in latent tiles, offloading, channels-last, torch.compile and weights mapped from
+disk leaving RSS, on the tiny base."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from typer.testing import CliRunner
 
 from diffplugin_cli import DiffPluginPipeline
 from diffplugin_cli.cli import app
+from diffplugin_cli.memory import file_mappings, release_mapped_weights
 from diffplugin_cli.tiling import TILE_CANDIDATES, LatentTiling, choose_tile, vae_tiling
 
 from .conftest import BASE, CLIP, CONFORMANCE, cli_args
@@ -98,6 +101,43 @@ def test_run_native_size_in_tiles(tmp_path):
     assert json.loads((tmp_path / "out/big.json").read_text())["tiling"]["tiles"] == 4, again.output
     bad = CliRunner().invoke(app, [*args, "--tile-size", "100"])
     assert bad.exit_code == 2 and "multiple of 64" in bad.output
+
+
+# --- weights mapped from disk ------------------------------------------------------------------
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def _mapping_of(weight: torch.Tensor):
+    return next(m for m in file_mappings() if m.start <= weight.data_ptr() < m.end)
+
+
+@linux_only
+def test_clip_weights_leave_rss_after_clip_and_the_output_is_unchanged(plugins):
+    pipe = DiffPluginPipeline.from_pretrained(BASE, CLIP, device="cpu", dtype="fp32")
+    weight = next(pipe.base.clip_vision.parameters())
+    pipe.release_clip_weights = False
+    kept = _restore(pipe, plugins)
+    assert _mapping_of(weight).resident > 0
+    pipe.release_clip_weights = True
+    for _ in range(2):  # the second run reads the released weights back from the file
+        assert np.array_equal(_restore(pipe, plugins), kept)
+        assert _mapping_of(weight).resident == 0
+
+
+@linux_only
+def test_weights_written_after_loading_are_never_dropped():
+    """The mapping is private: dropping a written page would bring the file's value back."""
+    from transformers import CLIPVisionModel
+
+    model = CLIPVisionModel.from_pretrained(CLIP)
+    weight = next(model.parameters())
+    with torch.no_grad():
+        weight.add_(1.0)
+    changed = weight.clone()
+    assert _mapping_of(weight).written > 0
+    assert release_mapped_weights(model) == 0
+    assert torch.equal(weight, changed)
 
 
 # --- offloading, channels-last, compile ---------------------------------------------------------
