@@ -136,7 +136,7 @@ def authors_one(image: Path, output: Path, paths: dict[str, Path], steps: int, r
     from diffplugin_cli import DiffPluginPipeline, load_plugin
 
     pipe = DiffPluginPipeline.from_pretrained(str(paths["base"]), str(paths["clip"]), device="cpu", dtype="fp32")
-    pipe.release_clip_weights = False  # the authors' code keeps every model resident
+    pipe.release_idle_weights = False  # the authors' code keeps every model resident
     plugin = load_plugin(paths["plugins"] / "bench.safetensors")
     pipe([Image.open(image).convert("RGB")], [plugin], [42], steps=steps, resolution=resolution)[0].save(output)
     print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))

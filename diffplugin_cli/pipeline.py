@@ -38,9 +38,10 @@ class DiffPluginPipeline:
         self._placed: set[int] = set()
         self.decode_retried = False  # whether the last call had to redo a half-precision decode in fp32
         self.last_tiling: dict | None = None  # how the last call tiled a native-size batch, if it did
-        # CLIP vision is not needed again until the next batch: on CPU its weights, mapped from
-        # disk, leave RSS while the batch denoises and decodes (memory.py). Off for the bench's authors mode.
-        self.release_clip_weights = True
+        # On CPU, the weights of a model that the next stages do not use leave RSS (memory.py):
+        # CLIP vision once the features are computed, the UNet before each VAE decode. Off for
+        # the bench's authors mode, which keeps every model resident as the authors' code does.
+        self.release_idle_weights = True
 
     @classmethod
     def from_pretrained(
@@ -86,7 +87,7 @@ class DiffPluginPipeline:
             return current
         if hidden_states is None:
             hidden_states = self.clip_hidden_states(images)
-        if self.release_clip_weights:
+        if self.release_idle_weights:
             release_mapped_weights(self.base.clip_vision)
         tiling = self._tiling(current[0].size, len(images), tile_size) if size_rule == "native" else None
         with vae_tiling(self.base.vae, tiling.tile * self.base.vae_scale_factor) if tiling else contextlib.nullcontext():
@@ -176,6 +177,8 @@ class DiffPluginPipeline:
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         if "unet" in self.base.offload_hooks:  # model offload: the UNet leaves the device before the VAE needs it
             self.base.offload_hooks["unet"].offload()
+        if self.release_idle_weights:
+            release_mapped_weights(self.base.unet)
         decoded, retried = decode_latents(self.base.vae, latents)
         self.decode_retried = self.decode_retried or retried
         return self.image_processor.postprocess(decoded.float(), output_type="pil")

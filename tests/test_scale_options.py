@@ -113,16 +113,17 @@ def _mapping_of(weight: torch.Tensor):
 
 
 @linux_only
-def test_clip_weights_leave_rss_after_clip_and_the_output_is_unchanged(plugins):
+def test_idle_weights_leave_rss_and_the_output_is_unchanged(plugins):
+    """CLIP's weights leave once the features are computed, the UNet's before the decode."""
     pipe = DiffPluginPipeline.from_pretrained(BASE, CLIP, device="cpu", dtype="fp32")
-    weight = next(pipe.base.clip_vision.parameters())
-    pipe.release_clip_weights = False
+    weights = [next(pipe.base.clip_vision.parameters()), next(pipe.base.unet.parameters())]
+    pipe.release_idle_weights = False
     kept = _restore(pipe, plugins)
-    assert _mapping_of(weight).resident > 0
-    pipe.release_clip_weights = True
-    for _ in range(2):  # the second run reads the released weights back from the file
+    assert all(_mapping_of(weight).resident > 0 for weight in weights)
+    pipe.release_idle_weights = True
+    for _ in range(2):  # the second run reads the released weights back from the files
         assert np.array_equal(_restore(pipe, plugins), kept)
-        assert _mapping_of(weight).resident == 0
+        assert [_mapping_of(weight).resident for weight in weights] == [0, 0]
 
 
 @linux_only
