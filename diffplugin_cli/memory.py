@@ -1,11 +1,12 @@
-"""Giving back the resident pages of model weights that safetensors maps from disk.
+"""Giving back the resident pages of model weights mapped from disk.
 
-On CPU, safetensors maps a weight file into memory instead of copying it, so every page a model
-has touched counts in the process's RSS and stays there. A model that is not needed again for a
-while (CLIP vision, once a batch's image features are computed) can give those pages back with
-madvise(MADV_DONTNEED): they leave RSS and are read again, unchanged, from the page cache (or the
-file) the next time the model runs. Only file mappings that nothing has written to are dropped:
-the mapping is private, so a written page would revert to the file's content.
+On CPU, safetensors (and torch.load with mmap, for .bin files) maps a weight file into memory
+instead of copying it, so every page a model has touched counts in the process's RSS and stays
+there. A model that is idle for a while (CLIP vision once a batch's image features are computed,
+the UNet while the VAE decodes) can give those pages back with madvise(MADV_DONTNEED): they leave
+RSS and are read again, unchanged, from the page cache (or the file) the next time the model
+runs. Only file mappings that nothing has written to are dropped: the mapping is private, so a
+written page would revert to the file's content.
 """
 
 from __future__ import annotations

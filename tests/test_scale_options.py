@@ -103,44 +103,6 @@ def test_run_native_size_in_tiles(tmp_path):
     assert bad.exit_code == 2 and "multiple of 64" in bad.output
 
 
-# --- weights mapped from disk ------------------------------------------------------------------
-
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-
-
-def _mapping_of(weight: torch.Tensor):
-    return next(m for m in file_mappings() if m.start <= weight.data_ptr() < m.end)
-
-
-@linux_only
-def test_idle_weights_leave_rss_and_the_output_is_unchanged(plugins):
-    """CLIP's weights leave once the features are computed, the UNet's before the decode."""
-    pipe = DiffPluginPipeline.from_pretrained(BASE, CLIP, device="cpu", dtype="fp32")
-    weights = [next(pipe.base.clip_vision.parameters()), next(pipe.base.unet.parameters())]
-    pipe.release_idle_weights = False
-    kept = _restore(pipe, plugins)
-    assert all(_mapping_of(weight).resident > 0 for weight in weights)
-    pipe.release_idle_weights = True
-    for _ in range(2):  # the second run reads the released weights back from the files
-        assert np.array_equal(_restore(pipe, plugins), kept)
-        assert [_mapping_of(weight).resident for weight in weights] == [0, 0]
-
-
-@linux_only
-def test_weights_written_after_loading_are_never_dropped():
-    """The mapping is private: dropping a written page would bring the file's value back."""
-    from transformers import CLIPVisionModel
-
-    model = CLIPVisionModel.from_pretrained(CLIP)
-    weight = next(model.parameters())
-    with torch.no_grad():
-        weight.add_(1.0)
-    changed = weight.clone()
-    assert _mapping_of(weight).written > 0
-    assert release_mapped_weights(model) == 0
-    assert torch.equal(weight, changed)
-
-
 # --- offloading, channels-last, compile ---------------------------------------------------------
 
 def _restore(pipe: DiffPluginPipeline, plugins) -> np.ndarray:
@@ -186,3 +148,41 @@ def test_compiled_unet_gives_the_same_output_and_does_not_compile_per_size(pipel
     for size, batch in (((192, 128), 2), ((320, 128), 3)):
         restore(pipe, size, batch)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+# --- weights mapped from disk ------------------------------------------------------------------
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def _mapping_of(weight: torch.Tensor):
+    return next(m for m in file_mappings() if m.start <= weight.data_ptr() < m.end)
+
+
+@linux_only
+def test_idle_weights_leave_rss_and_the_output_is_unchanged(plugins):
+    """CLIP's weights leave once the features are computed, the UNet's before the decode."""
+    pipe = DiffPluginPipeline.from_pretrained(BASE, CLIP, device="cpu", dtype="fp32")
+    weights = [next(pipe.base.clip_vision.parameters()), next(pipe.base.unet.parameters())]
+    pipe.release_idle_weights = False
+    kept = _restore(pipe, plugins)
+    assert all(_mapping_of(weight).resident > 0 for weight in weights)
+    pipe.release_idle_weights = True
+    for _ in range(2):  # the second run reads the released weights back from the files
+        assert np.array_equal(_restore(pipe, plugins), kept)
+        assert [_mapping_of(weight).resident for weight in weights] == [0, 0]
+
+
+@linux_only
+def test_weights_written_after_loading_are_never_dropped():
+    """The mapping is private: dropping a written page would bring the file's value back."""
+    from transformers import CLIPVisionModel
+
+    model = CLIPVisionModel.from_pretrained(CLIP)
+    weight = next(model.parameters())
+    with torch.no_grad():
+        weight.add_(1.0)
+    changed = weight.clone()
+    assert _mapping_of(weight).written > 0
+    assert release_mapped_weights(model) == 0
+    assert torch.equal(weight, changed)
