@@ -25,7 +25,6 @@ MADV_DONTNEED = 4  # the same value on every Linux architecture
 class FileMapping:
     start: int
     end: int
-    path: str
     resident: int  # bytes
     written: int  # bytes of pages that differ from the file (dirty or copied on write)
 
@@ -41,7 +40,7 @@ def release_mapped_weights(model: torch.nn.Module) -> int:
     addresses = {t.data_ptr() for t in chain(model.parameters(), model.buffers()) if t.device.type == "cpu" and t.numel()}
     if not addresses:
         return 0
-    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise = ctypes.CDLL(None).madvise
     madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     released = 0
     for mapping in file_mappings():
@@ -68,8 +67,7 @@ def file_mappings() -> list[FileMapping]:
                 close()
                 current, fields = None, {}
                 if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):
-                    start, end = (int(value, 16) for value in parts[0].split("-"))
-                    current = (start, end, parts[5].rstrip("\n"))
+                    current = tuple(int(value, 16) for value in parts[0].split("-"))
             elif current is not None and len(parts) >= 3 and parts[2] == "kB":
                 fields[parts[0][:-1]] = int(parts[1]) * 1024
     close()
