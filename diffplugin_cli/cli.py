@@ -167,17 +167,16 @@ def select(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show which plugins an instruction selects, with every plugin's score."""
-    from .selection import SelectRequest, open_selector
+    from .selection import SelectRequest, instruction_batches, open_selector
 
     request = SelectRequest(selector, threshold, selector_heads, plugin_dir, base_model, clip_model, registry, dtype)
     try:
         choose = open_selector(request, image)
         if instruction == "-":
-            for line in sys.stdin:
-                if line.strip():
-                    print(json.dumps(choose(line.rstrip("\n")).to_json()), flush=True)
+            for batch in instruction_batches(sys.stdin.buffer):
+                print("\n".join(json.dumps(selection.to_json()) for selection in choose(batch)), flush=True)
             return
-        selection = choose(instruction)
+        [selection] = choose([instruction])
     except DiffPluginError as exc:
         _fail(str(exc))
     if as_json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 from . import __version__
 from .errors import DiffPluginError, ImageError
@@ -27,8 +27,8 @@ class SelectRequest:
     dtype: str = "fp32"  # text selector: fp32 or bf16
 
 
-def open_selector(request: SelectRequest, image: str | os.PathLike | None = None) -> Callable[[str], Selection]:
-    """A function instruction -> Selection, with the models loaded once.
+def open_selector(request: SelectRequest, image: str | os.PathLike | None = None) -> Callable[[Sequence[str]], list[Selection]]:
+    """A function instructions -> their Selections, with the models loaded once (the text selector scores them together).
 
     text: scores the installed plugins it knows, or every task it knows when none is installed.
     reference: needs the image, the authors' heads and the installed plugins (their F^p are keys).
@@ -40,7 +40,7 @@ def open_selector(request: SelectRequest, image: str | os.PathLike | None = None
         selector = TextSelector.from_file(request.heads, dtype=text_selector_dtype(request.dtype))
         known = [label for label in selector.labels if label != NULL_KEY]
         candidates = [name for name in installed if name in known] or known
-        return lambda text: selector.select(text, candidates, request.threshold, registry.order)
+        return lambda texts: selector.select_many(texts, candidates, request.threshold, registry.order)
     if request.selector != "reference":
         raise DiffPluginError(f"--selector {request.selector!r}: expected text or reference")
     if request.dtype != "fp32":
@@ -57,7 +57,24 @@ def open_selector(request: SelectRequest, image: str | os.PathLike | None = None
     hidden = pipeline.clip_hidden_states([rgb])
     prompts = {name: pipeline.visual_prompt(plugin, hidden) for name, plugin in plugins.items()}
     selector = ReferenceSelector.from_pretrained(heads, base_model)
-    return lambda text: selector.select(text, prompts, request.threshold, registry.order)
+    return lambda texts: [selector.select(text, prompts, request.threshold, registry.order) for text in texts]
+
+
+def instruction_batches(stream: BinaryIO, chunk_bytes: int = 1 << 16) -> Iterator[list[str]]:
+    """Non-blank lines of a binary stream, in groups of the lines that were ready to read together.
+
+    A pipe's backlog comes as one group, to be scored together; a line typed or sent alone comes
+    alone, as soon as it ends, so `select -i -` answers a slow producer line by line. Bytes that
+    are not UTF-8 are replaced, never fatal."""
+    pending = b""
+    while chunk := stream.read1(chunk_bytes):
+        *lines, pending = (pending + chunk).split(b"\n")
+        batch = [text for text in (line.decode("utf-8", "replace").rstrip("\r") for line in lines) if text.strip()]
+        if batch:
+            yield batch
+    last = pending.decode("utf-8", "replace").rstrip("\r")
+    if last.strip():
+        yield [last]
 
 
 def _plugin_features(request: SelectRequest, registry: Registry, dirs, installed: Sequence[str]):
@@ -151,5 +168,5 @@ def evaluate_text_selector(cases_path: str | os.PathLike, heads: str | os.PathLi
     cases = read_cases(cases_path)
     selector = TextSelector.from_file(heads, dtype=text_selector_dtype(dtype))
     classes = [label for label in selector.labels if label != NULL_KEY]
-    report = evaluate(cases, selector.raw_scores, classes, threshold)
+    report = evaluate(cases, selector.raw_scores_many, classes, threshold)
     return {"selector": "text", "heads": str(heads or "shipped"), "dtype": dtype, "threshold": threshold, "cases": str(cases_path), "metrics": report}

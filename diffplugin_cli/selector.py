@@ -213,6 +213,7 @@ def _with_verb_of(previous: str, clause: str) -> str:
 
 
 TEXT_SELECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CLAUSES_PER_BATCH = 64  # per forward pass when many instructions are scored together
 
 
 def text_selector_dtype(name: str) -> torch.dtype:
@@ -245,7 +246,6 @@ class TextSelector:
         """Load the heads (one set or an ensemble) saved by `save_heads` (default: the ones shipped with the package)."""
         return cls(load_text_heads(path, dtype), encoder)
 
-    @torch.no_grad()
     def raw_scores(self, instruction: str) -> dict[str, float]:
         """Each label's best score over the clauses of the instruction.
 
@@ -254,20 +254,54 @@ class TextSelector:
         a clause only if it scores above that clause's null by more than the heads' `null_margin`,
         so "... without changing the face" adds nothing for `face`.
         """
-        if not instruction.strip():
-            return {label: (1.0 if label == NULL_KEY else 0.0) for label in self.labels}
-        states = self.encoder.token_states(clauses(instruction), self.members[0].config.tuned_layers)
-        per_clause = torch.stack([member(*states) for member in self.members]).float().mean(dim=0)
-        null = per_clause[:, self.labels.index(NULL_KEY)].unsqueeze(1)
-        gated = torch.where(per_clause > null + self.members[0].config.null_margin, per_clause, torch.zeros_like(per_clause))
-        gated[:, self.labels.index(NULL_KEY)] = null[:, 0]
-        return dict(zip(self.labels, gated.max(dim=0).values.tolist()))
+        return self.raw_scores_many([instruction])[0]
+
+    @torch.no_grad()
+    def raw_scores_many(self, instructions: Sequence[str]) -> list[dict[str, float]]:
+        """`raw_scores` of each instruction, with the clauses of all of them encoded together.
+
+        One instruction is a few short rows, too few for the matrix kernels to run near their
+        speed (each weight is read from memory for a dozen tokens); many instructions at once run
+        about 3-5 times faster each. Clauses are batched by length, so little is padding. The
+        scores match one-at-a-time scoring up to float rounding (about 1e-5)."""
+        split = [clauses(text) if text.strip() else [] for text in instructions]
+        per_clause = self._clause_scores([clause for parts in split for clause in parts])
+        null_index = self.labels.index(NULL_KEY)
+        results, start = [], 0
+        for parts in split:
+            if not parts:
+                results.append({label: (1.0 if label == NULL_KEY else 0.0) for label in self.labels})
+                continue
+            scores = per_clause[start:start + len(parts)]
+            start += len(parts)
+            null = scores[:, null_index].unsqueeze(1)
+            gated = torch.where(scores > null + self.members[0].config.null_margin, scores, torch.zeros_like(scores))
+            gated[:, null_index] = null[:, 0]
+            results.append(dict(zip(self.labels, gated.max(dim=0).values.tolist())))
+        return results
+
+    def _clause_scores(self, texts: Sequence[str]) -> torch.Tensor:
+        """The members' mean scores of each clause, [len(texts), labels], in fp32."""
+        scores = torch.zeros(len(texts), len(self.labels))
+        by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(by_length), CLAUSES_PER_BATCH):
+            rows = by_length[start:start + CLAUSES_PER_BATCH]
+            states = self.encoder.token_states([texts[i] for i in rows], self.members[0].config.tuned_layers)
+            scores[rows] = torch.stack([member(*states) for member in self.members]).float().mean(dim=0)
+        return scores
 
     def select(self, instruction: str, plugins: Sequence[str], threshold: float = 0.0, order: Sequence[str] = ()) -> Selection:
-        raw = self.raw_scores(instruction)
-        names = [name for name in plugins if name in raw] + [NULL_KEY]
-        final, selected = decide(names, [raw[name] for name in names], threshold, order or plugins)
-        return Selection(instruction, self.kind, final, selected, threshold)
+        return self.select_many([instruction], plugins, threshold, order)[0]
+
+    def select_many(self, instructions: Sequence[str], plugins: Sequence[str], threshold: float = 0.0,
+                    order: Sequence[str] = ()) -> list[Selection]:
+        """`select` of each instruction, scored together (`raw_scores_many`)."""
+        selections = []
+        for instruction, raw in zip(instructions, self.raw_scores_many(instructions)):
+            names = [name for name in plugins if name in raw] + [NULL_KEY]
+            final, selected = decide(names, [raw[name] for name in names], threshold, order or plugins)
+            selections.append(Selection(instruction, self.kind, final, selected, threshold))
+        return selections
 
 
 class ReferenceSelector:

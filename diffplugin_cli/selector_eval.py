@@ -64,9 +64,10 @@ def metrics(scores: Sequence[dict[str, float]], labels: Sequence[Sequence[str]],
     }
 
 
-def evaluate(cases: Sequence[dict], score: Callable[[str], dict[str, float]], classes: Sequence[str], threshold: float = 0.0) -> dict:
-    """Metrics overall and per `kind` (when the cases carry one)."""
-    all_scores = [score(case["text"]) for case in cases]
+def evaluate(cases: Sequence[dict], score_many: Callable[[Sequence[str]], list[dict[str, float]]], classes: Sequence[str],
+             threshold: float = 0.0) -> dict:
+    """Metrics overall and per `kind` (when the cases carry one); `score_many` scores all the texts in one call."""
+    all_scores = score_many([case["text"] for case in cases])
     report = {"overall": metrics(all_scores, [c["labels"] for c in cases], classes, threshold)}
     for kind in sorted({c["kind"] for c in cases if "kind" in c}):
         picked = [i for i, c in enumerate(cases) if c.get("kind") == kind]

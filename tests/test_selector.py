@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import select
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from typer.testing import CliRunner
 from diffplugin_cli import RunOptions, run
 from diffplugin_cli.cli import app
 from diffplugin_cli.errors import DiffPluginError
-from diffplugin_cli.selection import SelectRequest, open_selector, train_text_heads_file
+from diffplugin_cli.selection import SelectRequest, instruction_batches, open_selector, train_text_heads_file
 from diffplugin_cli.selector import (
     NULL_KEY,
     PromptTuner,
@@ -165,6 +169,55 @@ def test_odd_instructions_give_a_clear_result(text_selector, instruction):
         assert selection.is_none
 
 
+def test_scoring_many_instructions_together_matches_one_at_a_time(text_selector, monkeypatch):
+    """Batched scoring (eval, `select -i -`) gives each instruction the scores and selection it gets alone."""
+    import diffplugin_cli.selector as selector_module
+
+    monkeypatch.setattr(selector_module, "CLAUSES_PER_BATCH", 8)  # several batches, each mixing instructions
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    texts = [case["text"] for case in read_cases(HELDOUT)[::10]] + ["", "remove snow " * 120, "雪を消して"]
+    together = text_selector.select_many(texts, tasks)
+    assert sum(len(clauses(text)) for text in texts) > 3 * selector_module.CLAUSES_PER_BATCH
+    for text, batched in zip(texts, together, strict=True):
+        alone = text_selector.select(text, tasks)
+        assert batched.instruction == text and batched.selected == alone.selected
+        assert batched.scores == pytest.approx(alone.scores, abs=1e-4)
+
+
+def test_instruction_batches_are_the_lines_ready_together():
+    class Chunks:
+        """A stream whose reads return these chunks, as a pipe returns what was written so far."""
+
+        def __init__(self, *chunks: bytes):
+            self.chunks = list(chunks)
+
+        def read1(self, size: int) -> bytes:
+            return self.chunks.pop(0) if self.chunks else b""
+
+    stream = Chunks(b"remove the rain\n", b"remove the snow\nbrigh", b"ten it\r\n\n   \nfix the \xff blur\n", b"no newline at the end")
+    assert list(instruction_batches(stream)) == [
+        ["remove the rain"], ["remove the snow"], ["brighten it", "fix the \ufffd blur"], ["no newline at the end"]]
+
+
+def test_select_from_a_pipe_answers_each_line_as_it_comes():
+    """`select -i -` does not wait for more input (or the end of it) before answering a line."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "diffplugin_cli", "select", "-i", "-"], env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for instruction, wanted in (("remove the rain", ["derain"]), ("make it a cartoon", [])):
+            process.stdin.write(instruction + "\n")
+            process.stdin.flush()
+            ready, _, _ = select.select([process.stdout], [], [], 120)
+            assert ready, f"no answer to {instruction!r} while stdin stays open"
+            answer = json.loads(process.stdout.readline())
+            assert answer["instruction"] == instruction and answer["selected"] == wanted
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0 and process.stdout.read() == ""
+    finally:
+        process.kill()
+
+
 def test_reference_selector_accepts_long_instructions(reference):
     selector, prompts, _ = reference
     selection = selector.select("remove the snow please " * 40, prompts)  # > 77 tokens: truncated as the authors
@@ -220,8 +273,8 @@ def test_training_on_a_small_corpus_raises_held_out_zta():
     untrained = train_text_selector(corpus, encoder, replace(small, steps=0))
     trained = train_text_selector(corpus, encoder, replace(small, steps=40))
     tasks = [label for label in trained.config.labels if label != NULL_KEY]
-    before = evaluate(cases, TextSelector(untrained, encoder).raw_scores, tasks)["overall"]["ZTA"]
-    after = evaluate(cases, TextSelector(trained, encoder).raw_scores, tasks)["overall"]["ZTA"]
+    before = evaluate(cases, TextSelector(untrained, encoder).raw_scores_many, tasks)["overall"]["ZTA"]
+    after = evaluate(cases, TextSelector(trained, encoder).raw_scores_many, tasks)["overall"]["ZTA"]
     assert after > before + 0.3, (before, after)
 
 
@@ -514,7 +567,8 @@ def test_train_reference_selector_learns_from_plugin_features(tmp_path):
     def accuracy(heads: Path) -> float:
         request = SelectRequest("reference", heads=heads, plugin_dirs=[PLUGINS], base_model=BASE, clip_model=CLIP)
         select = open_selector(request, CONFORMANCE / "inputs/small_75x70.png")
-        return sum(select(text).selected == ([] if label == NULL_KEY else [label]) for text, label in sample) / len(sample)
+        selections = select([text for text, _ in sample])
+        return sum(selection.selected == ([] if label == NULL_KEY else [label]) for selection, (_, label) in zip(selections, sample)) / len(sample)
 
     before, after = accuracy(untrained), accuracy(trained)
     print(f"balanced accuracy on corpus texts: untrained {before:.3f}, trained {after:.3f}")
