@@ -58,6 +58,17 @@ class Selection:
         }
 
 
+def valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (how Python carries bytes of argv or stdin that are not UTF-8) as U+FFFD.
+
+    The tokenizers refuse them with a TypeError; an instruction with a stray byte is still read."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")  # the bytes argv or stdin held: one U+FFFD per bad byte
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "surrogatepass")  # other lone surrogates, from JSON for instance
+    return data.decode("utf-8", "replace")
+
+
 def cosine_scores(keys: torch.Tensor, query: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """exp(logit_scale) * cos(key_i, query_j): [K, D] x [Q, D] -> [Q, K]."""
     return logit_scale.exp() * F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T
@@ -264,7 +275,7 @@ class TextSelector:
         speed (each weight is read from memory for a dozen tokens); many instructions at once run
         about 3-5 times faster each. Clauses are batched by length, so little is padding. The
         scores match one-at-a-time scoring up to float rounding (about 1e-5)."""
-        split = [clauses(text) if text.strip() else [] for text in instructions]
+        split = [clauses(valid_unicode(text)) if text.strip() else [] for text in instructions]
         per_clause = self._clause_scores([clause for parts in split for clause in parts])
         null_index = self.labels.index(NULL_KEY)
         results, start = [], 0
@@ -296,6 +307,7 @@ class TextSelector:
     def select_many(self, instructions: Sequence[str], plugins: Sequence[str], threshold: float = 0.0,
                     order: Sequence[str] = ()) -> list[Selection]:
         """`select` of each instruction, scored together (`raw_scores_many`)."""
+        instructions = [valid_unicode(text) for text in instructions]
         selections = []
         for instruction, raw in zip(instructions, self.raw_scores_many(instructions)):
             names = [name for name in plugins if name in raw] + [NULL_KEY]
@@ -327,10 +339,11 @@ class ReferenceSelector:
         """`plugin_prompts`: each plugin's F^p for the image ([1, 256, 768] or [256, 768])."""
         keys = torch.stack([plugin_key(prompt) for prompt in plugin_prompts.values()] + [self._null[0]])
         keys = keys.to(self.heads.device, self.heads.dtype)
-        scores = self.heads(keys, self.pooled_text([instruction]).to(self.heads.device, self.heads.dtype))[0]
+        scores = self.heads(keys, self.pooled_text([valid_unicode(instruction)]).to(self.heads.device, self.heads.dtype))[0]
         return dict(zip([*plugin_prompts, NULL_KEY], scores.tolist()))
 
     def select(self, instruction: str, plugin_prompts: dict[str, torch.Tensor], threshold: float = 0.0, order: Sequence[str] = ()) -> Selection:
+        instruction = valid_unicode(instruction)
         raw = self.raw_scores(instruction, plugin_prompts)
         final, selected = decide(list(raw), list(raw.values()), threshold, order or list(plugin_prompts))
         return Selection(instruction, self.kind, final, selected, threshold)

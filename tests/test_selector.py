@@ -159,10 +159,12 @@ def test_text_selector_picks_tasks_in_registry_order(text_selector):
     assert text_selector.select("remove the snow", tasks, threshold=100.0).is_none
 
 
-@pytest.mark.parametrize("instruction", ["", "   ", "remove snow " * 120, "enlever la neige s'il vous plaît", "雪を消して", "!!!", "\t\n"])
+@pytest.mark.parametrize("instruction", ["", "   ", "remove snow " * 120, "enlever la neige s'il vous plaît", "雪を消して", "!!!", "\t\n",
+                                         "remove the sn\udcffow", "remove the \ud800 snow"])  # a byte of argv that is not UTF-8; a lone surrogate
 def test_odd_instructions_give_a_clear_result(text_selector, instruction):
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
     selection = text_selector.select(instruction, tasks)
+    selection.instruction.encode("utf-8")  # valid Unicode, for the JSON output and the sidecar
     assert set(selection.scores) == set(tasks) | {NULL_KEY}
     assert all(score >= 0 for score in selection.scores.values())
     if not instruction.strip():
@@ -222,6 +224,8 @@ def test_reference_selector_accepts_long_instructions(reference):
     selector, prompts, _ = reference
     selection = selector.select("remove the snow please " * 40, prompts)  # > 77 tokens: truncated as the authors
     assert set(selection.scores) == {"desnow", "lowlight", NULL_KEY}
+    stray_byte = selector.select("remove the sn\udcffow", prompts)  # argv that is not UTF-8
+    assert stray_byte.instruction == "remove the sn\ufffdow" and set(stray_byte.scores) == {"desnow", "lowlight", NULL_KEY}
 
 
 def test_clauses():
