@@ -191,6 +191,11 @@ def train_plugin(options: TrainOptions, log: Callable[[str], None] = print) -> T
     if accelerator.is_main_process:
         export_plugin(accelerator.unwrap_model(tpb), accelerator.unwrap_model(scb), plugin_path, options, options.max_steps)
     accelerator.wait_for_everyone()
+    # Free the DDP wrappers while the process group is still registered, so that end_training, not
+    # DDP's reducer, drops its last reference: the reducer does so holding the GIL, and gloo's
+    # destructor then waits for a worker thread that needs the GIL (a 2-process run hung so at exit).
+    del tpb, scb, optimizer
+    accelerator.free_memory()
     accelerator.end_training()
     return TrainResult(plugin_path, options.max_steps, losses)
 

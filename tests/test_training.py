@@ -83,11 +83,12 @@ def test_two_cpu_processes_average_gradients_like_one_process_with_the_global_ba
     launched = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", "29517",
-         "-m", "diffplugin_cli", *common, "--out", str(tmp_path / "two"), "--batch-size", "1"],
-        capture_output=True, text=True, env=env, timeout=600,
+         str(Path(__file__).with_name("ddp_exit_probe.py")), *common, "--out", str(tmp_path / "two"), "--batch-size", "1"],
+        capture_output=True, text=True, env=env, timeout=180,  # about 10-15 s; a hang at exit fails in 3 minutes, not 10
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert "step 3/3" in launched.stderr
+    assert all(f"rank {rank}: DDP wrappers alive at end_training: 0" in launched.stderr for rank in (0, 1)), launched.stderr[-3000:]
     single = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "one"), "--batch-size", "2"])
     assert single.exit_code == 0, single.output
     a, b = weights(tmp_path / "two/two.safetensors"), weights(tmp_path / "one/two.safetensors")
