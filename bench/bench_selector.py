@@ -33,8 +33,9 @@ ensemble of training runs over a single one; v8 to v17 one more each (against mo
 requests in the corpus, 1600 training steps and two tuned encoder layers; for two tuned layers
 with a null margin; for compound clauses in the corpus; for refusal, inverse and edit phrasings;
 for phrasings that name what the photo shows; for wanted-damage and other-fix phrasings; for giving a
-noun phrase after "and" the verb of the clause before it; for drawing training texts by source, the
-heads shipped now), see README; v18, v19 and v20 chose nothing (their candidates tied), and v21 is not read yet. Then
+noun phrase after "and" the verb of the clause before it; for drawing training texts by source), see
+README; v18, v19 and v20 chose nothing (their candidates tied); v21 chose the place and face-damage
+phrasings, the heads shipped now. Then
 tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide
 corpus changes).
 

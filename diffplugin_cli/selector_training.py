@@ -122,7 +122,7 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
                 pairs += fill("act", 1, task, f"{verb}:{noun}", verb=verb, noun=noun)
         for noun in words["nouns"] if words["verbs"] == "remove" else ():
             pairs += fill("describe", 3, task, noun, noun=noun)
-        for kind, count in (("bad", 3), ("good", 2)):
+        for kind, count in (("bad", 3), ("good", 2), ("damaged", 2)):
             for adjective in words.get(kind, ()):
                 pairs += fill(kind, count, task, adjective, adj=adjective)
         # the same words refused, null: "keep it dark", "without making it brighter", "don't restore the face"
@@ -137,7 +137,7 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
             pairs += fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name)
         for fix in words.get("fixes", ()):
             pairs += fill("want", 2, task, fix, fix=fix) + fill("skip", 2, NULL_KEY, fix, fix=fix)
-        pairs += compose_subjects(vocabulary, task, words, seed)
+        pairs += compose_subjects(vocabulary, task, words, seed) + compose_places(vocabulary, task, words, seed)
     pairs += compose_compounds(vocabulary, tasks, seed)
     for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
         pairs += [(template.format(adj=adjective), NULL_KEY, "inverse") for template in templates["inverse"]]
@@ -154,6 +154,13 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
             subject = rng.choice(everyone)
             pairs.append((rng.choice(templates["edit_subject"]).format(verb=rng.choice(group["verbs"]), thing=thing, subject=subject), NULL_KEY,
                           "edit_subject"))
+    # the edits of `edit_groups` once more with a position in the frame: "remove the car on the left"
+    places = vocabulary.get("places", {})
+    for name in places.get("edit_groups", ()):
+        for thing in edits[name]["things"]:
+            rng = random.Random(f"{seed}:edit-place:{name}:{thing}")
+            pairs.append((rng.choice(templates["edit_place"]).format(verb=rng.choice(edits[name]["verbs"]), thing=thing,
+                                                                     place=rng.choice(places["frame"])), NULL_KEY, "edit_place"))
     return pairs
 
 
@@ -190,6 +197,32 @@ def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) ->
         pairs.append(fill("name_subject", task, name, name=name))
     for adjective in words.get("bad", ()):
         pairs += [fill("bad_subject", task, adjective, adj=adjective), fill("keep_subject", NULL_KEY, adjective, adj=adjective)]
+    return pairs
+
+
+def compose_places(vocabulary: dict, task: str, words: dict, seed: int = 0) -> list[tuple[str, str, str]]:
+    """The task's nouns with where the damage sits: a position in the frame ("remove the rain on the
+    left") or, for removal tasks, a relation to a subject ("the fog hanging over the harbour is too
+    strong"); kept, null ("the glare on the left can stay"). The corpus's other place phrases are in
+    out-of-scope edits ("remove the man on the left"), so without these a position reads as "none".
+    Two asked-for texts per noun, and for removal tasks one describing and one kept, each with its
+    own template and place from a generator seeded with the noun."""
+    places = vocabulary.get("places")
+    if not places:
+        return []
+    templates, removal = vocabulary["templates"], words["verbs"] == "remove"
+    spots = list(places["frame"])
+    if removal:
+        pool = subject_pool(vocabulary.get("subjects", {}), words.get("subjects"))
+        spots += [f"{relation} {subject}" for relation in places["relations"] for subject in pool]
+    task_verbs = vocabulary["verbs"][words["verbs"]]
+    pairs = []
+    for noun in words["nouns"]:
+        rng = random.Random(f"{seed}:place:{task}:{noun}")
+        kinds = [("act_place", task), ("act_place", task)] + ([("describe_place", task), ("spare_place", NULL_KEY)] if removal else [])
+        for kind, label in kinds:
+            text = rng.choice(templates[kind]).format(verb=rng.choice(task_verbs), noun=noun, place=rng.choice(spots))
+            pairs.append((text, label, kind))
     return pairs
 
 
