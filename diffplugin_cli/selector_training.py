@@ -216,10 +216,10 @@ def compose_places(vocabulary: dict, task: str, words: dict, seed: int = 0) -> l
         pool = subject_pool(vocabulary.get("subjects", {}), words.get("subjects"))
         spots += [f"{relation} {subject}" for relation in places["relations"] for subject in pool]
     task_verbs = vocabulary["verbs"][words["verbs"]]
+    kinds = [("act_place", task), ("act_place", task)] + ([("describe_place", task), ("spare_place", NULL_KEY)] if removal else [])
     pairs = []
     for noun in words["nouns"]:
         rng = random.Random(f"{seed}:place:{task}:{noun}")
-        kinds = [("act_place", task), ("act_place", task)] + ([("describe_place", task), ("spare_place", NULL_KEY)] if removal else [])
         for kind, label in kinds:
             text = rng.choice(templates[kind]).format(verb=rng.choice(task_verbs), noun=noun, place=rng.choice(spots))
             pairs.append((text, label, kind))
