@@ -25,8 +25,9 @@ tests/data/selector_heldout_v16.jsonl (300 cases, written after v15 made its cho
 tests/data/selector_heldout_v17.jsonl (300 cases, written after v16 made its choice),
 tests/data/selector_heldout_v18.jsonl (300 cases, written after v17 made its choice),
 tests/data/selector_heldout_v19.jsonl (300 cases, written after v18 was read),
-tests/data/selector_heldout_v20.jsonl (300 cases, written after v19 was read) and
-tests/data/selector_heldout_v21.jsonl (300 cases, written after v20 was read).
+tests/data/selector_heldout_v20.jsonl (300 cases, written after v19 was read),
+tests/data/selector_heldout_v21.jsonl (300 cases, written after v20 was read) and
+tests/data/selector_heldout_v22.jsonl (300 cases, written after v21 was read).
 Each was committed before anything was measured with it and made one choice when first read; only
 after that did its errors guide later changes, judged on the next set. v3 to v7 together chose the
 ensemble of training runs over a single one; v8 to v17 one more each (against more inverse
@@ -78,7 +79,7 @@ def main() -> None:
     fp32 = TextSelector.from_file(args.heads) if args.dtype != "fp32" else None
     print(f"dtype: {args.dtype}, load_s: {load_s:.3f}")
     summary = {"dtype": args.dtype, "load_s": round(load_s, 3)}
-    default = [DATA / f"selector_heldout{suffix}.jsonl" for suffix in ("", "_v2", "_v3", "_v4", "_v5", "_v6", "_v7", "_v8", "_v9", "_v10", "_v11", "_v12", "_v13", "_v14", "_v15", "_v16", "_v17", "_v18", "_v19", "_v20", "_v21")] + [DATA / "selector_dev.jsonl"]
+    default = [DATA / f"selector_heldout{suffix}.jsonl" for suffix in ("", "_v2", "_v3", "_v4", "_v5", "_v6", "_v7", "_v8", "_v9", "_v10", "_v11", "_v12", "_v13", "_v14", "_v15", "_v16", "_v17", "_v18", "_v19", "_v20", "_v21", "_v22")] + [DATA / "selector_dev.jsonl"]
     for path in args.cases or map(str, default):
         summary[Path(path).stem] = report_cases(path, selector, tasks, fp32)
     if args.train:
