@@ -5,11 +5,11 @@ latency of one call) and scored together (`select -i -` with a backlog of lines,
 
     python bench/bench_selector.py [--cases FILE.jsonl ...] [--heads FILE] [--dtype fp32|bf16] [--train]
 
-By default it scores the twenty-one held-out sets: tests/data/selector_heldout.jsonl (335 cases),
+By default it scores the twenty-two held-out sets: tests/data/selector_heldout.jsonl (335 cases),
 tests/data/selector_heldout_v2.jsonl (151 cases, written later; it chose the training step count and its
 errors were looked at for later corpus changes),
 tests/data/selector_heldout_v3.jsonl (200 cases, written before the token-level heads),
-tests/data/selector_heldout_v4.jsonl (302 cases, written before the face-edit and negation corpus
+tests/data/selector_heldout_v4.jsonl (301 cases, written before the face-edit and negation corpus
 work), tests/data/selector_heldout_v5.jsonl (300 cases, written before the work on a separate dev
 set), tests/data/selector_heldout_v6.jsonl (300 cases, written before any later corpus work),
 tests/data/selector_heldout_v7.jsonl (300 cases, written before the ensemble of heads),
@@ -36,7 +36,7 @@ with a null margin; for compound clauses in the corpus; for refusal, inverse and
 for phrasings that name what the photo shows; for wanted-damage and other-fix phrasings; for giving a
 noun phrase after "and" the verb of the clause before it; for drawing training texts by source), see
 README; v18, v19 and v20 chose nothing (their candidates tied); v21 chose the place and face-damage
-phrasings, the heads shipped now. Then
+phrasings; v22 the bare task names ("desnow it"), the heads shipped now. Then
 tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide
 corpus changes).
 

@@ -132,9 +132,12 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
         for noun in words["nouns"]:
             verb = random.Random(f"{seed}:spare-verb:{noun}").choice(task_verbs)
             pairs += fill("spare", 4, NULL_KEY, noun, noun=noun, verb=verb)
-        # the task by name, asked for and refused: "de-snow it" / "do not desnow the photo", "snow removal please" / "no dehazing"
+        # the task by name, asked for and refused: "de-snow it" / "do not desnow the photo", "snow removal please" / "no dehazing";
+        # every name also in the first, bare form of each ("desnow it" / "don't desnow it") when its draws left it out
         for name in words.get("names", ()):
-            pairs += fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name)
+            drawn = fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name)
+            bare = [(templates[kind][0].format(name=name), label, kind) for kind, label in (("name", task), ("decline", NULL_KEY))]
+            pairs += drawn + [pair for pair in bare if pair not in drawn]
         for fix in words.get("fixes", ()):
             pairs += fill("want", 2, task, fix, fix=fix) + fill("skip", 2, NULL_KEY, fix, fix=fix)
         pairs += compose_subjects(vocabulary, task, words, seed) + compose_places(vocabulary, task, words, seed)

@@ -57,7 +57,7 @@ HEADS = CONFORMANCE / "selector/PromptTunner.pt"
 HELDOUT = Path(__file__).parent / "data/selector_heldout.jsonl"
 HELDOUT_V2 = Path(__file__).parent / "data/selector_heldout_v2.jsonl"  # written later; chose the step count, errors looked at since
 HELDOUT_V3 = Path(__file__).parent / "data/selector_heldout_v3.jsonl"  # written before the token-level heads, never tuned on
-HELDOUT_V4 = Path(__file__).parent / "data/selector_heldout_v4.jsonl"  # 302 cases, written before the face/negation corpus work, never tuned on
+HELDOUT_V4 = Path(__file__).parent / "data/selector_heldout_v4.jsonl"  # 301 cases, written before the face/negation corpus work, never tuned on
 HELDOUT_V5 = Path(__file__).parent / "data/selector_heldout_v5.jsonl"  # 300 cases, written before the dev-set corpus work, never tuned on
 HELDOUT_V6 = Path(__file__).parent / "data/selector_heldout_v6.jsonl"  # 300 cases, written before the next corpus work, never tuned on
 HELDOUT_V7 = Path(__file__).parent / "data/selector_heldout_v7.jsonl"  # 300 cases, written before the selector ensemble, never tuned on
@@ -250,6 +250,14 @@ def test_shipped_heads_read_a_place_as_part_of_the_request(text_selector):
     assert text_selector.select("remove the man on the left", tasks).is_none
 
 
+def test_shipped_heads_read_a_bare_task_name(text_selector):
+    """"desnow it" is the shortest request there is (the heads before read it as none)."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("desnow it", tasks).selected == ["desnow"]
+    assert text_selector.select("desnow it, don't brighten it", tasks).selected == ["desnow"]
+    assert text_selector.select("don't desnow it", tasks).is_none
+
+
 def test_a_refusal_covers_every_noun_joined_by_and(text_selector):
     """"leave A and B": B is refused too, not read as a request of its own."""
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
@@ -352,6 +360,21 @@ def test_a_face_with_blur_words_is_face_only():
     damaged = {text: label for text, label, source in zip(corpus.texts, corpus.labels, corpus.sources) if source == "vocabulary:damaged"}
     assert set(damaged.values()) == {"face"}
     assert any("pixelated" in text for text in damaged) and any("mushy" in text for text in damaged)
+
+
+def test_every_task_name_comes_bare_asked_for_and_refused():
+    """Each name of a task is in the corpus in its bare forms: "desnow it" asks for the task,
+    "don't desnow it" refuses it. Random template draws once left "desnow it" out, and the heads
+    read it as none."""
+    vocabulary = tomllib.loads((packaged_corpus() / "vocabulary.toml").read_text(encoding="utf-8"))
+    corpus = load_corpus(variants=0)
+    labels: dict[str, set[str]] = {}
+    for text, label in zip(corpus.texts, corpus.labels):
+        labels.setdefault(text, set()).add(label)
+    for task, words in vocabulary["tasks"].items():
+        for name in words.get("names", ()):
+            assert labels.get(f"{name} it") == {task}, name
+            assert labels.get(f"don't {name} it") == {NULL_KEY}, name
 
 
 def test_wanted_damage_and_fixes_we_do_not_make_are_null():
