@@ -111,6 +111,12 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
         chosen = random.Random(f"{seed}:{kind}:{key}").sample(templates[kind], count)
         return [(template.format(**words), label, kind) for template in chosen]
 
+    def with_bare(drawn: list[tuple[str, str, str]], **word: str) -> list[tuple[str, str, str]]:
+        """The drawn texts, plus the plain form ([templates] `bare`, optional) of each of their kinds that has one and the draws left out."""
+        plain = templates.get("bare", {})
+        bare = [(plain[kind].format(**word), label, kind) for kind, label in {text_kind: label for _, label, text_kind in drawn}.items() if kind in plain]
+        return drawn + [pair for pair in bare if pair not in drawn]
+
     pairs: list[tuple[str, str, str]] = []
     for task in tasks:
         words = vocabulary.get("tasks", {}).get(task)
@@ -132,14 +138,11 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
         for noun in words["nouns"]:
             verb = random.Random(f"{seed}:spare-verb:{noun}").choice(task_verbs)
             pairs += fill("spare", 4, NULL_KEY, noun, noun=noun, verb=verb)
-        # the task by name, asked for and refused: "de-snow it" / "do not desnow the photo", "snow removal please" / "no dehazing";
-        # every name also in the first, bare form of each ("desnow it" / "don't desnow it") when its draws left it out
+        # the task by name, asked for and refused: "de-snow it" / "do not desnow the photo", "snow removal please" / "no dehazing"
         for name in words.get("names", ()):
-            drawn = fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name)
-            bare = [(templates[kind][0].format(name=name), label, kind) for kind, label in (("name", task), ("decline", NULL_KEY))]
-            pairs += drawn + [pair for pair in bare if pair not in drawn]
+            pairs += with_bare(fill("name", 2, task, name, name=name) + fill("decline", 2, NULL_KEY, name, name=name), name=name)
         for fix in words.get("fixes", ()):
-            pairs += fill("want", 2, task, fix, fix=fix) + fill("skip", 2, NULL_KEY, fix, fix=fix)
+            pairs += with_bare(fill("want", 2, task, fix, fix=fix) + fill("skip", 2, NULL_KEY, fix, fix=fix), fix=fix)
         pairs += compose_subjects(vocabulary, task, words, seed) + compose_places(vocabulary, task, words, seed)
     pairs += compose_compounds(vocabulary, tasks, seed)
     for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
