@@ -40,8 +40,8 @@ README; v18, v19 and v20 chose nothing (their candidates tied); v21 chose the pl
 phrasings; v22 the bare task names ("desnow it"); v23 the plain refusals of the fixes ("no
 desnowing"), the heads shipped now. Then tests/data/selector_dev.jsonl (150 cases, written with v5
 to be tuned on: its errors guide corpus changes). tests/data/selector_heldout_v24.jsonl (300
-cases, written before v23 was read) is left out until it has judged a candidate: pass it with
---cases then, once.
+cases, written before v23 was read) and tests/data/selector_heldout_v25.jsonl (300 cases, written
+before v24 was read) are left out until they have judged a candidate: pass one with --cases then, once.
 
 With --dtype bf16 it also counts the cases whose selection differs from fp32's (the fp32 selector
 is loaded after the timed one and timed by nothing).
