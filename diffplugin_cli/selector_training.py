@@ -212,7 +212,9 @@ def compose_places(vocabulary: dict, task: str, words: dict, seed: int = 0) -> l
     strong"); kept, null ("the glare on the left can stay"). The corpus's other place phrases are in
     out-of-scope edits ("remove the man on the left"), so without these a position reads as "none".
     Two asked-for texts per noun, and for removal tasks one describing and one kept, each with its
-    own template and place from a generator seeded with the noun."""
+    own template and place from a generator seeded with the noun. A task's own `spots` (highlight:
+    "on his forehead") are where only its damage sits; drawn among hundreds of places they would
+    hardly come up, so each noun takes the same kinds once more with one of them."""
     places = vocabulary.get("places")
     if not places:
         return []
@@ -228,6 +230,10 @@ def compose_places(vocabulary: dict, task: str, words: dict, seed: int = 0) -> l
         rng = random.Random(f"{seed}:place:{task}:{noun}")
         for kind, label in kinds:
             text = rng.choice(templates[kind]).format(verb=rng.choice(task_verbs), noun=noun, place=rng.choice(spots))
+            pairs.append((text, label, kind))
+        own = random.Random(f"{seed}:spot:{task}:{noun}")
+        for kind, label in kinds if words.get("spots") else ():
+            text = own.choice(templates[kind]).format(verb=own.choice(task_verbs), noun=noun, place=own.choice(words["spots"]))
             pairs.append((text, label, kind))
     return pairs
 

@@ -269,6 +269,14 @@ def test_shipped_heads_read_a_plain_refusal_of_a_fix(text_selector):
     assert text_selector.select("no desnowing and no brightening, remove the rain", tasks).selected == ["derain"]
 
 
+def test_shipped_heads_read_shine_on_skin_as_highlight(text_selector):
+    """The shine on a forehead or nose is highlight's (the heads before read it as none)."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("remove the shine on the forehead", tasks).selected == ["highlight"]
+    assert text_selector.select("reduce the shine on his nose and add sunglasses", tasks).selected == ["highlight"]
+    assert text_selector.select("keep the shine on her forehead", tasks).is_none
+
+
 def test_a_refusal_covers_every_noun_joined_by_and(text_selector):
     """"leave A and B": B is refused too, not read as a request of its own."""
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
@@ -362,6 +370,21 @@ def test_places_come_with_every_task_and_with_null():
     assert face and all(any(text.endswith(f" {spot}") for spot in places["frame"]) for text in face)
     assert any("on the left" in text for text, _ in by_source["vocabulary:act_place"])
     assert any("on the left" in text for text, _ in by_source["vocabulary:edit_place"] + by_source["vocabulary:spare_place"])
+
+
+def test_a_task_s_own_spots_come_with_each_of_its_nouns():
+    """Shine sits on skin ("the shine on his forehead"), and the same body parts come in
+    out-of-scope edits ("slim the nose"). Highlight's own `spots` put each of its nouns once more
+    with one of them, asked for and kept (null); the other tasks have none."""
+    vocabulary = tomllib.loads((packaged_corpus() / "vocabulary.toml").read_text(encoding="utf-8"))
+    words = vocabulary["tasks"]["highlight"]
+    assert [task for task, entry in vocabulary["tasks"].items() if "spots" in entry] == ["highlight"]
+    corpus = load_corpus(variants=0)
+    spotted = [(text, label, source) for text, label, source in zip(corpus.texts, corpus.labels, corpus.sources)
+               if source.endswith("_place") and any(f" {spot}" in text for spot in words["spots"])]
+    for noun in words["nouns"]:
+        mine = [(label, source) for text, label, source in spotted if f" {noun} on " in f" {text}"]
+        assert ("highlight", "vocabulary:act_place") in mine and (NULL_KEY, "vocabulary:spare_place") in mine, noun
 
 
 def test_a_face_with_blur_words_is_face_only():
