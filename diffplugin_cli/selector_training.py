@@ -226,15 +226,13 @@ def compose_places(vocabulary: dict, task: str, words: dict, seed: int = 0) -> l
     task_verbs = vocabulary["verbs"][words["verbs"]]
     kinds = [("act_place", task), ("act_place", task)] + ([("describe_place", task), ("spare_place", NULL_KEY)] if removal else [])
     pairs = []
+    pools = [("place", spots)] + ([("spot", words["spots"])] if words.get("spots") else [])
     for noun in words["nouns"]:
-        rng = random.Random(f"{seed}:place:{task}:{noun}")
-        for kind, label in kinds:
-            text = rng.choice(templates[kind]).format(verb=rng.choice(task_verbs), noun=noun, place=rng.choice(spots))
-            pairs.append((text, label, kind))
-        own = random.Random(f"{seed}:spot:{task}:{noun}")
-        for kind, label in kinds if words.get("spots") else ():
-            text = own.choice(templates[kind]).format(verb=own.choice(task_verbs), noun=noun, place=own.choice(words["spots"]))
-            pairs.append((text, label, kind))
+        for pool_name, pool in pools:
+            rng = random.Random(f"{seed}:{pool_name}:{task}:{noun}")
+            for kind, label in kinds:
+                text = rng.choice(templates[kind]).format(verb=rng.choice(task_verbs), noun=noun, place=rng.choice(pool))
+                pairs.append((text, label, kind))
     return pairs
 
 
