@@ -144,22 +144,15 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
         for fix in words.get("fixes", ()):
             pairs += with_bare(fill("want", 2, task, fix, fix=fix) + fill("skip", 2, NULL_KEY, fix, fix=fix), fix=fix)
         pairs += compose_subjects(vocabulary, task, words, seed) + compose_places(vocabulary, task, words, seed)
+        # edits a task makes that its nouns do not say: lowlight lifts the shadows ("open up the shadows")
+        if "edits" in words:
+            pairs += compose_edits(vocabulary, words["edits"], task, seed)
     pairs += compose_compounds(vocabulary, tasks, seed)
     for adjective in vocabulary.get("inverse", {}).get("adjectives", ()):
         pairs += [(template.format(adj=adjective), NULL_KEY, "inverse") for template in templates["inverse"]]
     edits = vocabulary.get("edits", {})
-    everyone = subject_pool(vocabulary.get("subjects", {}))
     for group in (value for value in edits.values() if isinstance(value, dict)):
-        for verb in group["verbs"]:
-            for thing in group["things"]:
-                template = random.Random(f"{seed}:edit:{verb}:{thing}").choice(edits["templates"])
-                pairs.append((template.format(verb=verb, thing=thing), NULL_KEY, "edit"))
-        # each thing once more in a photo of a subject, so a subject cues no task: "add a hat in the photo of the bride"
-        for thing in group["things"] if everyone else ():
-            rng = random.Random(f"{seed}:edit-subject:{thing}")
-            subject = rng.choice(everyone)
-            pairs.append((rng.choice(templates["edit_subject"]).format(verb=rng.choice(group["verbs"]), thing=thing, subject=subject), NULL_KEY,
-                          "edit_subject"))
+        pairs += compose_edits(vocabulary, group, NULL_KEY, seed)
     # the edits of `edit_groups` once more with a position in the frame: "remove the car on the left"
     places = vocabulary.get("places", {})
     for name in places.get("edit_groups", ()):
@@ -167,6 +160,24 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
             rng = random.Random(f"{seed}:edit-place:{name}:{thing}")
             pairs.append((rng.choice(templates["edit_place"]).format(verb=rng.choice(edits[name]["verbs"]), thing=thing,
                                                                      place=rng.choice(places["frame"])), NULL_KEY, "edit_place"))
+    return pairs
+
+
+def compose_edits(vocabulary: dict, group: dict, label: str, seed: int = 0) -> list[tuple[str, str, str]]:
+    """An edit group (`verbs` x `things`) in the `[edits]` templates, one random template each, and each
+    thing once more in a photo of a subject, so a subject cues no label: "add a hat in the photo of
+    the bride". Out-of-scope groups are labelled null, a task's own group with the task."""
+    templates, everyone = vocabulary["edits"]["templates"], subject_pool(vocabulary.get("subjects", {}))
+    pairs = []
+    for verb in group["verbs"]:
+        for thing in group["things"]:
+            template = random.Random(f"{seed}:edit:{verb}:{thing}").choice(templates)
+            pairs.append((template.format(verb=verb, thing=thing), label, "edit"))
+    for thing in group["things"] if everyone else ():
+        rng = random.Random(f"{seed}:edit-subject:{thing}")
+        subject = rng.choice(everyone)
+        template = rng.choice(vocabulary["templates"]["edit_subject"])
+        pairs.append((template.format(verb=rng.choice(group["verbs"]), thing=thing, subject=subject), label, "edit_subject"))
     return pairs
 
 
