@@ -46,8 +46,9 @@ desnowing"); v24 the places of highlight's own damage ("the shine on his forehea
 shadow edits with null darker and shadow-removal edits ("lift the shadows"), the heads shipped
 now; v26 chose nothing (its candidate tied), nor did v27 (its candidate lost one). Then tests/data/selector_dev.jsonl (150 cases,
 written with v5 to be tuned on: its errors guide corpus changes).
-tests/data/selector_heldout_v28.jsonl (300 cases, written while the candidate v26 judged trained) and
-tests/data/selector_heldout_v29.jsonl (300 cases, written while the candidate v27 judged trained)
+tests/data/selector_heldout_v28.jsonl (300 cases, written while the candidate v26 judged trained),
+tests/data/selector_heldout_v29.jsonl (300 cases, written while the candidate v27 judged trained) and
+tests/data/selector_heldout_v30.jsonl (300 cases, written while the candidate v28 judges trained)
 are left out until each has judged a candidate: pass it with --cases then, once.
 
 With --dtype bf16 it also counts the cases whose selection differs from fp32's (the fp32 selector
