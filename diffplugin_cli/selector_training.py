@@ -192,7 +192,9 @@ def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) ->
     bridge can stay"). Users name what their photo shows; without these the heads meet subjects only
     in out-of-scope edits ("change the text on the sign") and read them as "none". One template and
     one subject per word, each from a generator seeded with the word, among the subject groups the
-    task names (`subjects = ["people"]` for face; all groups when it names none)."""
+    task names (`subjects = ["people"]` for face; all groups when it names none). A bare task name
+    takes every template, each with its own subject: "deblur the picture of the license plate" is a
+    common way to ask, and one text per name left the heads reading such requests as "none"."""
     subjects = vocabulary.get("subjects")
     if not subjects:
         return []
@@ -211,7 +213,9 @@ def compose_subjects(vocabulary: dict, task: str, words: dict, seed: int = 0) ->
         if removal:
             pairs += [fill("describe_subject", task, noun, noun=noun), fill("spare_subject", NULL_KEY, noun, noun=noun)]
     for name in words.get("names", ()):
-        pairs.append(fill("name_subject", task, name, name=name))
+        for template in templates["name_subject"]:
+            rng = random.Random(f"{seed}:name_subject:{task}:{name}:{template}")
+            pairs.append((template.format(name=name, subject=rng.choice(pool)), task, "name_subject"))
     for adjective in words.get("bad", ()):
         pairs += [fill("bad_subject", task, adjective, adj=adjective), fill("keep_subject", NULL_KEY, adjective, adj=adjective)]
     return pairs

@@ -356,6 +356,19 @@ def test_subjects_come_with_every_task_and_with_null():
     assert len(named[NULL_KEY] & everyone) >= len(everyone) // 2
 
 
+def test_a_bare_task_name_meets_several_subjects():
+    """"deblur the picture of the license plate": each task name comes in every name_subject template,
+    with more than one subject, so a bare name on a described photo is not rare in the corpus."""
+    vocabulary = tomllib.loads((packaged_corpus() / "vocabulary.toml").read_text(encoding="utf-8"))
+    corpus = load_corpus(variants=0)
+    named = [(text, label) for text, label, source in zip(corpus.texts, corpus.labels, corpus.sources) if source == "vocabulary:name_subject"]
+    for task, words in vocabulary["tasks"].items():
+        for name in words.get("names", ()):
+            texts = [text for text, label in named if label == task and re.search(rf"\b{re.escape(name)} (?:the|my|this) ", text)]
+            assert len(texts) == len(vocabulary["templates"]["name_subject"]), (task, name, texts)
+            assert len({text.rsplit(" of ", 1)[1] for text in texts}) > 1, (task, name, texts)
+
+
 def test_places_come_with_every_task_and_with_null():
     """Users say where the damage is ("remove the rain on the left", "the fog hanging over the
     harbour"). The corpus puts each task's nouns with a place, asked for, and for removal tasks also
@@ -393,22 +406,27 @@ def test_a_task_s_own_spots_come_with_each_of_its_nouns():
 
 
 def test_a_task_s_own_edits_are_labelled_with_the_task():
-    """"lift the shadows" asks for brightening though no lowlight noun says so, while "deepen the
-    shadows" is a tone edit and "remove my shadow" a retouch. Lowlight's own `edits` group fills the
-    out-of-scope edit templates with its verbs and things, labelled lowlight; `[edits.deepen]` puts
-    the same things in null edits, and `[edits.shadow]` names shadows to remove, null only."""
+    """"lift the shadows" asks for brightening and "tone down the glare" for glare removal, though no
+    noun of those tasks says so, while "deepen the shadows" and "tone down the street lights" are tone
+    edits and "remove my shadow" a retouch. A task's own `edits` group fills the out-of-scope edit
+    templates with its verbs and things, labelled with the task; `[edits.deepen]` puts lowlight's
+    things in null edits, and `[edits.shadow]` names shadows to remove, null only."""
     vocabulary = tomllib.loads((packaged_corpus() / "vocabulary.toml").read_text(encoding="utf-8"))
-    assert [task for task, entry in vocabulary["tasks"].items() if "edits" in entry] == ["lowlight"]
-    own, deepen = vocabulary["tasks"]["lowlight"]["edits"], vocabulary["edits"]["deepen"]
+    owners = {task: entry["edits"] for task, entry in vocabulary["tasks"].items() if "edits" in entry}
+    assert sorted(owners) == ["highlight", "lowlight"]
     corpus = load_corpus(variants=0)
     edits = [(text, label) for text, label, source in zip(corpus.texts, corpus.labels, corpus.sources)
              if source in ("vocabulary:edit", "vocabulary:edit_subject")]
-    lifted = [text for text, label in edits if label == "lowlight"]
-    assert len(lifted) == len(own["verbs"]) * len(own["things"]) + len(own["things"])
-    assert all(any(f"{verb} {thing}" in text for verb in own["verbs"] for thing in own["things"]) for text in lifted)
-    assert {label for _, label in edits} == {"lowlight", NULL_KEY}
-    for thing in set(own["things"]) & set(deepen["things"]):
+    assert {label for _, label in edits} == set(owners) | {NULL_KEY}
+    for task, own in owners.items():
+        mine = [text for text, label in edits if label == task]
+        assert len(mine) == len(own["verbs"]) * len(own["things"]) + len(own["things"]), task
+        assert all(any(f"{verb} {thing}" in text for verb in own["verbs"] for thing in own["things"]) for text in mine), task
+    lifted, deepen = [text for text, label in edits if label == "lowlight"], vocabulary["edits"]["deepen"]
+    for thing in set(owners["lowlight"]["things"]) & set(deepen["things"]):
         assert any(thing in text for text in lifted) and any(thing in text and label == NULL_KEY for text, label in edits), thing
+    toned = set(owners["highlight"]["verbs"]) & set(vocabulary["edits"]["tone"]["verbs"])
+    assert toned and all(any(text.startswith(verb) or f" {verb} " in text for text, label in edits if label == NULL_KEY) for verb in toned)
     for thing in vocabulary["edits"]["shadow"]["things"]:
         assert {label for text, label in edits if thing in text} == {NULL_KEY}, thing
 
