@@ -5,7 +5,7 @@ latency of one call) and scored together (`select -i -` with a backlog of lines,
 
     python bench/bench_selector.py [--cases FILE.jsonl ...] [--heads FILE] [--dtype fp32|bf16] [--train]
 
-By default it scores the twenty-eight held-out sets: tests/data/selector_heldout.jsonl (335 cases),
+By default it scores the held-out sets read so far (listed under --cases): tests/data/selector_heldout.jsonl (335 cases),
 tests/data/selector_heldout_v2.jsonl (151 cases, written later; it chose the training step count and its
 errors were looked at for later corpus changes),
 tests/data/selector_heldout_v3.jsonl (200 cases, written before the token-level heads),
@@ -78,7 +78,7 @@ TARGETS = {"single": 0.99, "multi": 0.97, "single+unsupported": 0.90, "none": 0.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", action="append", help="held-out JSONL (repeatable; default: the twenty-eight held-out sets and the dev set)")
+    parser.add_argument("--cases", action="append", help=f"held-out JSONL (repeatable; default: the held-out sets v1 to v{LAST_READ_SET} and the dev set)")
     parser.add_argument("--heads", help="heads file (default: the shipped ones)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(TEXT_SELECTOR_DTYPES), help="the selector's dtype (default fp32)")
     parser.add_argument("--train", action="store_true", help="also time training the heads from scratch")
