@@ -48,8 +48,9 @@ shadow edits with null darker and shadow-removal edits ("lift the shadows"); v26
 (its candidate tied), nor did v27 (its candidate lost one); v28 the bare task names on a described
 photo ("deblur the picture of the license plate") with v27's candidate, the heads shipped now.
 Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide corpus changes).
-tests/data/selector_heldout_v29.jsonl (300 cases, written while the candidate v27 judged trained) and
-tests/data/selector_heldout_v30.jsonl (300 cases, written while the candidate v28 judged trained)
+tests/data/selector_heldout_v29.jsonl (300 cases, written while the candidate v27 judged trained),
+tests/data/selector_heldout_v30.jsonl (300 cases, written while the candidate v28 judged trained) and
+tests/data/selector_heldout_v31.jsonl (300 cases, written while the candidate v29 judges trained)
 are left out until each has judged a candidate: pass it with --cases then, once.
 
 With --dtype bf16 it also counts the cases whose selection differs from fp32's (the fp32 selector
