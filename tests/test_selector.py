@@ -411,7 +411,8 @@ def test_a_task_s_own_edits_are_labelled_with_the_task():
     noun of those tasks says so, while "deepen the shadows" and "tone down the street lights" are tone
     edits and "remove my shadow" a retouch. A task's own `edits` group fills the out-of-scope edit
     templates with its verbs and things, labelled with the task; `[edits.deepen]` puts lowlight's
-    things in null edits, and `[edits.shadow]` names shadows to remove, null only."""
+    things in null edits, places included ("the shadows on the hills": the verb decides), and
+    `[edits.shadow]` names shadows to remove and `[edits.darker]` shadows made darker, null only."""
     vocabulary = tomllib.loads((packaged_corpus() / "vocabulary.toml").read_text(encoding="utf-8"))
     owners = {task: entry["edits"] for task, entry in vocabulary["tasks"].items() if "edits" in entry}
     assert sorted(owners) == ["highlight", "lowlight"]
@@ -428,7 +429,8 @@ def test_a_task_s_own_edits_are_labelled_with_the_task():
         assert any(thing in text for text in lifted) and any(thing in text and label == NULL_KEY for text, label in edits), thing
     toned = set(owners["highlight"]["verbs"]) & set(vocabulary["edits"]["tone"]["verbs"])
     assert toned and all(any(text.startswith(verb) or f" {verb} " in text for text, label in edits if label == NULL_KEY) for verb in toned)
-    for thing in vocabulary["edits"]["shadow"]["things"]:
+    assert any(" on the " in thing for thing in set(owners["lowlight"]["things"]) & set(deepen["things"]))
+    for thing in vocabulary["edits"]["shadow"]["things"] + vocabulary["edits"]["darker"]["things"]:
         assert {label for text, label in edits if thing in text} == {NULL_KEY}, thing
 
 
