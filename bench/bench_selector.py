@@ -53,8 +53,9 @@ shadows, blur, watermarks and heavier weather ("deepen the shadows on the hills"
 behind the couple"), the heads shipped now; v30 chose nothing (its candidate lost one).
 Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide corpus changes).
 tests/data/selector_heldout_v31.jsonl (300 cases, written while the candidate v29 judged trained),
-tests/data/selector_heldout_v32.jsonl (300 cases, written while the candidate v30 judged trained) and
-tests/data/selector_heldout_v33.jsonl (300 cases, written before the candidate v31 judges was trained)
+tests/data/selector_heldout_v32.jsonl (300 cases, written while the candidate v30 judged trained),
+tests/data/selector_heldout_v33.jsonl (300 cases, written before the candidate v31 judges was trained) and
+tests/data/selector_heldout_v34.jsonl (300 cases, written while the candidate v31 judges trained)
 are left out until each has judged a candidate: pass it with --cases then, once.
 
 With --dtype bf16 it also counts the cases whose selection differs from fp32's (the fp32 selector
