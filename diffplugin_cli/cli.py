@@ -256,6 +256,7 @@ def train_selector(
     null_margin: Optional[float] = typer.Option(None, help="Text: how far a task must score above a clause's null to count for it (stored in the heads; default 1.0; 0: the authors' rule)."),
     seed: int = typer.Option(0, help="Seed of sampling and initialisation."),
     members: Optional[int] = typer.Option(None, help="Text: train this many heads, with seeds SEED, SEED+1, ..., and average their scores (default: as many as the shipped heads; 1: a single run)."),
+    share_layers: Optional[bool] = typer.Option(None, "--share-layers/--separate-layers", help="Text, with --members > 1: the members share the mean of their tuned layers, run once per instruction (default), or keep their own."),
     plugin_dir: List[Path] = typer.Option([], "--plugin-dir", help="Reference: folder holding plugins; repeatable. Also $DIFFPLUGIN_PLUGIN_PATH."),
     base_model: Optional[str] = typer.Option(None, help="Reference: SD-1.x hub id or folder (default: registry)."),
     clip_model: Optional[str] = typer.Option(None, help="Reference: CLIP vision hub id or folder (default: registry)."),
@@ -265,7 +266,8 @@ def train_selector(
     from .selection import SelectRequest, train_reference_heads_file, train_text_heads_file
 
     settings = {"steps": steps, "negatives": negatives, "temperature": temperature, "batch_size": batch_size, "lr": lr, "seed": seed}
-    text_only = {name: value for name, value in (("tuned_layers", tuned_layers), ("tuned_lr", tuned_lr), ("null_margin", null_margin))
+    text_only = {name: value for name, value in (("tuned_layers", tuned_layers), ("tuned_lr", tuned_lr), ("null_margin", null_margin),
+                                                 ("share_layers", share_layers))
                  if value is not None}  # those not given keep TrainConfig's defaults
     log = lambda step, loss: stderr.print(f"step {step}: loss {loss:.4f}")  # noqa: E731
     try:

@@ -12,7 +12,7 @@ from .errors import DiffPluginError, ImageError
 from .registry import Registry, discover_plugins, find_plugin, plugin_search_path
 from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, save_heads, text_selector_dtype
 from .selector_eval import evaluate, read_cases
-from .selector_training import SHIPPED_MEMBERS, TrainConfig, load_corpus, train_text_selector
+from .selector_training import SHIPPED_MEMBERS, TrainConfig, load_corpus, share_tuned_layers, train_text_selector
 
 
 @dataclass
@@ -108,7 +108,8 @@ def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | No
     `members` (default: as many as the shipped heads) > 1 trains that many heads, with seeds seed,
     seed + 1, ..., each exactly as a single run with that seed, and writes them as one ensemble
     whose scores are averaged: one run's errors depend on its seed (the order of its batches), and
-    the mean of several runs depends on it less."""
+    the mean of several runs depends on it less. With `share_layers` (default) the members then
+    share the mean of their tuned layers (`share_tuned_layers`)."""
     members = SHIPPED_MEMBERS if members is None else members
     if members < 1:
         raise DiffPluginError(f"--members {members}: expected 1 or more")
@@ -121,6 +122,8 @@ def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | No
         member_log = log and (lambda step, loss, done=member * settings.steps: log(done + step, loss))
         trained.append(train_text_selector(texts, encoder, settings, member_log))
         sizes.append(str(len(texts.texts)))
+    if first.share_layers and members > 1:
+        share_tuned_layers(trained)
     provenance = _provenance(texts, first, members=str(members), corpus_texts=",".join(sizes))
     return save_heads(trained, out, provenance)
 

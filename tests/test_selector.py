@@ -45,6 +45,7 @@ from diffplugin_cli.selector_training import (
     source_pools,
     load_corpus,
     packaged_corpus,
+    share_tuned_layers,
     tomllib,
     train_text_selector,
 )
@@ -587,6 +588,7 @@ def test_an_ensemble_averages_its_members_and_round_trips(tmp_path):
     corpus = load_corpus(small_corpus(tmp_path / "corpus"))
     members = [train_text_selector(corpus, encoder, TrainConfig(steps=3, batch_size=4, seed=seed)) for seed in (0, 1)]
     ensemble = TextSelector(members, encoder)
+    assert len(ensemble.layer_groups) == 2  # trained apart: each member runs its own tuned layers
     text = "remove the snow"  # one clause: its scores are the instruction's
     per_member = torch.stack([member(*encoder.token_states([text], below_top=2))[0] for member in members])
     mean = dict(zip(ensemble.labels, per_member.mean(0).tolist()))
@@ -598,6 +600,32 @@ def test_an_ensemble_averages_its_members_and_round_trips(tmp_path):
     reloaded = TextSelector.from_file(save_heads(members, tmp_path / "ensemble.safetensors"), encoder)
     for text in ("remove the snow", "brighten it but keep the fog", "make it a cartoon"):
         assert reloaded.raw_scores(text) == ensemble.raw_scores(text)
+
+
+def test_members_sharing_tuned_layers_run_them_once(tmp_path):
+    """After `share_tuned_layers` the members hold one copy of the layers: the selector runs it once
+    per batch of clauses, and scores as running every member on its own would."""
+    encoder = SentenceEncoder()
+    corpus = load_corpus(small_corpus(tmp_path / "corpus"))
+    members = [train_text_selector(corpus, encoder, TrainConfig(steps=3, batch_size=4, seed=seed)) for seed in (0, 1, 2)]
+    assert not members[0].has_tuned_layers_of(members[1])
+    share_tuned_layers(members)
+    assert members[0].has_tuned_layers_of(members[1]) and members[0].has_tuned_layers_of(members[2])
+    ensemble = TextSelector(members, encoder)
+    assert [len(group) for group in ensemble.layer_groups] == [3]
+    calls = []
+    hooks = [member.top[0].register_forward_hook(lambda *_: calls.append(1)) for member in members]
+    try:
+        raw = ensemble.raw_scores("remove the snow")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(calls) == 1
+    per_member = torch.stack([member(*encoder.token_states(["remove the snow"], below_top=2))[0] for member in members]).mean(0)
+    assert raw[NULL_KEY] == pytest.approx(per_member[ensemble.labels.index(NULL_KEY)].item(), abs=1e-6)
+    reloaded = TextSelector.from_file(save_heads(members, tmp_path / "shared.safetensors"), encoder)
+    assert [len(group) for group in reloaded.layer_groups] == [3]
+    assert reloaded.raw_scores("brighten it but keep the fog") == ensemble.raw_scores("brighten it but keep the fog")
 
 
 def test_null_margin_gates_clause_scores(text_selector):
@@ -637,17 +665,37 @@ def test_train_selector_cli_stores_the_null_margin(tmp_path):
         assert [heads.config.null_margin for heads in load_text_heads(out)] == [expected]
 
 
+def test_train_selector_cli_shares_the_members_layers_unless_told(tmp_path):
+    """`train selector --members 2` writes members with one shared copy of the tuned layers; `--separate-layers` keeps each its own."""
+    corpus = small_corpus(tmp_path / "corpus")
+    for flag, shared in (([], True), (["--separate-layers"], False)):
+        out = tmp_path / f"heads{shared}.safetensors"
+        result = CliRunner().invoke(app, ["train", "selector", "--corpus", str(corpus), "--steps", "2", "--batch-size", "4",
+                                          "--members", "2", "--out", str(out), *flag])
+        assert result.exit_code == 0, result.output
+        first, second = load_text_heads(out)
+        assert first.has_tuned_layers_of(second) is shared
+        assert not torch.equal(first.label_keys, second.label_keys)
+
+
 def test_training_an_ensemble_is_training_each_seed_alone(tmp_path):
-    """`--members 2 --seed 0` holds exactly the heads of `--members 1 --seed 0` and `--members 1 --seed 1`."""
+    """`--members 2 --seed 0 --separate-layers` holds exactly the heads of `--members 1 --seed 0` and
+    `--members 1 --seed 1`; by default the same heads, but with the mean of their tuned layers."""
     settings = {"corpus": small_corpus(tmp_path / "corpus"), "steps": 2, "batch_size": 4}
-    pair = load_text_heads(train_text_heads_file(tmp_path / "pair.safetensors", members=2, **settings))
+    separate = load_text_heads(train_text_heads_file(tmp_path / "separate.safetensors", members=2, share_layers=False, **settings))
+    shared = load_text_heads(train_text_heads_file(tmp_path / "shared.safetensors", members=2, **settings))
     alone = [load_text_heads(train_text_heads_file(tmp_path / f"seed{seed}.safetensors", members=1, seed=seed, **settings))
              for seed in (0, 1)]
-    assert [len(heads) for heads in (pair, *alone)] == [2, 1, 1]
-    for member, [single] in zip(pair, alone):
+    assert [len(heads) for heads in (separate, shared, *alone)] == [2, 2, 1, 1]
+    for member, [single] in zip(separate, alone):
         assert member.state_dict().keys() == single.state_dict().keys()
         assert all(torch.equal(value, single.state_dict()[key]) for key, value in member.state_dict().items())
-    assert not torch.equal(pair[0].label_keys, pair[1].label_keys)
+    assert not torch.equal(separate[0].label_keys, separate[1].label_keys)
+    assert not alone[0][0].has_tuned_layers_of(alone[1][0])
+    mean = {name: torch.stack([single.top.state_dict()[name] for [single] in alone]).mean(dim=0) for name in alone[0][0].top.state_dict()}
+    for member, [single] in zip(shared, alone):
+        assert all(torch.equal(value, mean[key[len("top."):]] if key.startswith("top.") else single.state_dict()[key])
+                   for key, value in member.state_dict().items())
 
 
 @pytest.mark.parametrize("path, size", [(HELDOUT, 300), (HELDOUT_V2, 150), (HELDOUT_V3, 200), (HELDOUT_V4, 300), (HELDOUT_V5, 300), (HELDOUT_V6, 300), (HELDOUT_V7, 300), (HELDOUT_V8, 300), (HELDOUT_V9, 300), (HELDOUT_V10, 300), (HELDOUT_V11, 300), (HELDOUT_V12, 300), (HELDOUT_V13, 300), (HELDOUT_V14, 300), (HELDOUT_V15, 300), (HELDOUT_V16, 300), (HELDOUT_V17, 299), (HELDOUT_V18, 300), (HELDOUT_V19, 300), (HELDOUT_V20, 300), (HELDOUT_V21, 300), (HELDOUT_V22, 300), (HELDOUT_V23, 300), (HELDOUT_V24, 300), (HELDOUT_V25, 300), (HELDOUT_V26, 300), (HELDOUT_V27, 300), (HELDOUT_V28, 300), (HELDOUT_V29, 300), (HELDOUT_V30, 300), (HELDOUT_V31, 300), (HELDOUT_V32, 300), (HELDOUT_V33, 300), (HELDOUT_V34, 300), (HELDOUT_V35, 300), (HELDOUT_V36, 300), (DEV, 150)])
@@ -816,11 +864,13 @@ def test_run_with_reference_selector_selects_per_image(tmp_path, pipeline, plugi
 @pytest.mark.slow
 def test_a_shipped_text_head_is_reproduced_by_the_documented_command(tmp_path):
     """The shipped heads are `diffplugin train selector --out ...` with defaults: three members, seeds
-    0, 1, 2, each the run `--members 1 --seed K` (test_training_an_ensemble_is_training_each_seed_alone).
-    Retraining all three takes 45 to 80 minutes here, too long for CI, so this retrains the last
-    member, whose seed and corpus draw come from the offset. Bits depend on the CPU's kernels (on
-    a machine other than the one that trained them, 8e-5 apart after 800 steps), so it asks for the
-    same tensors to rounding and the same selections."""
+    0, 1, 2, each the run `--members 1 --seed K` but for the tuned layers, which all take the mean
+    of the three runs' (test_training_an_ensemble_is_training_each_seed_alone). Retraining all three
+    takes 45 to 80 minutes here, too long for CI, so this retrains the last member, whose seed and
+    corpus draw come from the offset, and compares what is its own: the MLP, keys and scale. Bits
+    depend on the CPU's kernels (on a machine other than the one that trained them, 8e-5 apart
+    after 800 steps), so it asks for the same tensors to rounding and, with the shared layers, the
+    same selections."""
     from importlib import resources
 
     import torch
@@ -830,9 +880,13 @@ def test_a_shipped_text_head_is_reproduced_by_the_documented_command(tmp_path):
     result = CliRunner().invoke(app, ["train", "selector", "--members", "1", "--seed", str(member), "--out", str(out)])
     assert result.exit_code == 0, result.output
     shipped_path = str(resources.files("diffplugin_cli") / "text_selector.safetensors")
-    shipped, [retrained] = load_text_heads(shipped_path)[member], load_text_heads(out)
+    members, [retrained] = load_text_heads(shipped_path), load_text_heads(out)
+    shipped = members[member]
+    assert all(members[0].has_tuned_layers_of(other) for other in members)  # one shared copy
     assert shipped.state_dict().keys() == retrained.state_dict().keys()
-    assert all(torch.allclose(value, retrained.state_dict()[key], rtol=0, atol=1e-3) for key, value in shipped.state_dict().items())
+    assert all(torch.allclose(value, retrained.state_dict()[key], rtol=0, atol=1e-3) for key, value in shipped.state_dict().items()
+               if not key.startswith("top."))
+    retrained.top.load_state_dict(shipped.top.state_dict())  # as `share_tuned_layers` gives every member
     encoder = SentenceEncoder(drop_top=shipped.config.tuned_layers)
     alone, again = TextSelector(shipped, encoder), TextSelector(retrained, encoder)
     tasks = [label for label in alone.labels if label != NULL_KEY]
