@@ -9,8 +9,9 @@ Two selectors share one outcome (`Selection`):
   (fine-tuned copies of its top two layers, pooling and an MLP) map it onto one learned key per
   task plus `null`. The shipped file holds three such heads, trained with different seeds, whose
   scores are averaged; they share one copy of the tuned layers (the mean of the three runs'), so
-  those layers run once per clause, not once per member. A plugin's score is its best clause's, counting only clauses where it
-  beats `null` by more than the heads' null margin (1.0 in the shipped heads).
+  those layers run once per clause, not once per member. A plugin's score is its best clause's,
+  counting only clauses where it beats `null` by more than the heads' null margin (1.0 in the
+  shipped heads).
 Both score exp(logit_scale) * cos(key, query); negatives become 0, a plugin is selected when its
 score is above the threshold (0, as the authors), and `null` alone means nothing to do.
 """
