@@ -474,8 +474,8 @@ def train_text_selector(
 def share_tuned_layers(members: Sequence[TextSelectorHeads]) -> None:
     """Give every member the mean of the members' tuned layers, in place; each keeps its own MLP and keys.
 
-    Each member's tuned layers cost as much per layer as the frozen ones below them, so an
-    ensemble of separate layers is slow one instruction at a time (about 8 ms a member here).
+    Run apart, each member's tuned layers make one instruction at a time slower (each member
+    beyond the first added 6.5 to 8.6 ms here).
     All members start those layers from the encoder's own and move them little (lr 5e-5), so their
     mean keeps the ensemble's choices (the shipped heads: 8400 of 8600 cases of v3 to v31 right,
     separate or shared; 6 cases changed, 3 each way) and the text selector runs it once."""

@@ -582,6 +582,16 @@ def small_corpus(folder: Path, lines: int = 20) -> Path:
     return folder
 
 
+def assert_scores_are_the_members_mean(ensemble: TextSelector, members: list[TextSelectorHeads], text: str) -> None:
+    """A one-clause `text`'s raw scores are the mean of each member run on its own, gated at null + 1."""
+    per_member = torch.stack([member(*ensemble.encoder.token_states([text], below_top=2))[0] for member in members])
+    mean = dict(zip(ensemble.labels, per_member.mean(0).tolist()))
+    raw = ensemble.raw_scores(text)
+    assert raw[NULL_KEY] == pytest.approx(mean[NULL_KEY], abs=1e-6)
+    assert all(raw[label] == pytest.approx(mean[label] if mean[label] > mean[NULL_KEY] + 1.0 else 0.0, abs=1e-6)
+               for label in ensemble.labels if label != NULL_KEY)
+
+
 def test_an_ensemble_averages_its_members_and_round_trips(tmp_path):
     """Several heads score a clause by their mean, and one file holds them all."""
     encoder = SentenceEncoder()
@@ -590,13 +600,8 @@ def test_an_ensemble_averages_its_members_and_round_trips(tmp_path):
     ensemble = TextSelector(members, encoder)
     assert len(ensemble.layer_groups) == 2  # trained apart: each member runs its own tuned layers
     text = "remove the snow"  # one clause: its scores are the instruction's
-    per_member = torch.stack([member(*encoder.token_states([text], below_top=2))[0] for member in members])
-    mean = dict(zip(ensemble.labels, per_member.mean(0).tolist()))
-    raw = ensemble.raw_scores(text)
-    assert raw[NULL_KEY] == pytest.approx(mean[NULL_KEY], abs=1e-6)
-    assert all(raw[label] == pytest.approx(mean[label] if mean[label] > mean[NULL_KEY] + 1.0 else 0.0, abs=1e-6)
-               for label in ensemble.labels if label != NULL_KEY)
-    assert raw != TextSelector(members[0], encoder).raw_scores(text) != TextSelector(members[1], encoder).raw_scores(text)
+    assert_scores_are_the_members_mean(ensemble, members, text)
+    assert ensemble.raw_scores(text) != TextSelector(members[0], encoder).raw_scores(text) != TextSelector(members[1], encoder).raw_scores(text)
     reloaded = TextSelector.from_file(save_heads(members, tmp_path / "ensemble.safetensors"), encoder)
     for text in ("remove the snow", "brighten it but keep the fog", "make it a cartoon"):
         assert reloaded.raw_scores(text) == ensemble.raw_scores(text)
@@ -616,13 +621,12 @@ def test_members_sharing_tuned_layers_run_them_once(tmp_path):
     calls = []
     hooks = [member.top[0].register_forward_hook(lambda *_: calls.append(1)) for member in members]
     try:
-        raw = ensemble.raw_scores("remove the snow")
+        ensemble.raw_scores("remove the snow")
     finally:
         for hook in hooks:
             hook.remove()
     assert len(calls) == 1
-    per_member = torch.stack([member(*encoder.token_states(["remove the snow"], below_top=2))[0] for member in members]).mean(0)
-    assert raw[NULL_KEY] == pytest.approx(per_member[ensemble.labels.index(NULL_KEY)].item(), abs=1e-6)
+    assert_scores_are_the_members_mean(ensemble, members, "remove the snow")
     reloaded = TextSelector.from_file(save_heads(members, tmp_path / "shared.safetensors"), encoder)
     assert [len(group) for group in reloaded.layer_groups] == [3]
     assert reloaded.raw_scores("brighten it but keep the fog") == ensemble.raw_scores("brighten it but keep the fog")
