@@ -93,6 +93,7 @@ HELDOUT_V35 = Path(__file__).parent / "data/selector_heldout_v35.jsonl"  # 300 c
 HELDOUT_V36 = Path(__file__).parent / "data/selector_heldout_v36.jsonl"  # 300 cases, also written before v32 was read, never tuned on
 HELDOUT_V37 = Path(__file__).parent / "data/selector_heldout_v37.jsonl"  # 300 cases, written before v33 was read, never tuned on
 HELDOUT_V38 = Path(__file__).parent / "data/selector_heldout_v38.jsonl"  # 300 cases, written after v33 was read, never tuned on
+HELDOUT_V39 = Path(__file__).parent / "data/selector_heldout_v39.jsonl"  # 300 cases, written after v34 was read, never tuned on
 DEV = Path(__file__).parent / "data/selector_dev.jsonl"  # 150 cases written with v5, whose errors guide corpus changes
 
 
@@ -704,7 +705,7 @@ def test_training_an_ensemble_is_training_each_seed_alone(tmp_path):
                    for key, value in member.state_dict().items())
 
 
-@pytest.mark.parametrize("path, size", [(HELDOUT, 300), (HELDOUT_V2, 150), (HELDOUT_V3, 200), (HELDOUT_V4, 300), (HELDOUT_V5, 300), (HELDOUT_V6, 300), (HELDOUT_V7, 300), (HELDOUT_V8, 300), (HELDOUT_V9, 300), (HELDOUT_V10, 300), (HELDOUT_V11, 300), (HELDOUT_V12, 300), (HELDOUT_V13, 300), (HELDOUT_V14, 300), (HELDOUT_V15, 300), (HELDOUT_V16, 300), (HELDOUT_V17, 299), (HELDOUT_V18, 300), (HELDOUT_V19, 300), (HELDOUT_V20, 300), (HELDOUT_V21, 300), (HELDOUT_V22, 300), (HELDOUT_V23, 300), (HELDOUT_V24, 300), (HELDOUT_V25, 300), (HELDOUT_V26, 300), (HELDOUT_V27, 300), (HELDOUT_V28, 300), (HELDOUT_V29, 300), (HELDOUT_V30, 300), (HELDOUT_V31, 300), (HELDOUT_V32, 300), (HELDOUT_V33, 300), (HELDOUT_V34, 300), (HELDOUT_V35, 300), (HELDOUT_V36, 300), (HELDOUT_V37, 300), (HELDOUT_V38, 300), (DEV, 150)])
+@pytest.mark.parametrize("path, size", [(HELDOUT, 300), (HELDOUT_V2, 150), (HELDOUT_V3, 200), (HELDOUT_V4, 300), (HELDOUT_V5, 300), (HELDOUT_V6, 300), (HELDOUT_V7, 300), (HELDOUT_V8, 300), (HELDOUT_V9, 300), (HELDOUT_V10, 300), (HELDOUT_V11, 300), (HELDOUT_V12, 300), (HELDOUT_V13, 300), (HELDOUT_V14, 300), (HELDOUT_V15, 300), (HELDOUT_V16, 300), (HELDOUT_V17, 299), (HELDOUT_V18, 300), (HELDOUT_V19, 300), (HELDOUT_V20, 300), (HELDOUT_V21, 300), (HELDOUT_V22, 300), (HELDOUT_V23, 300), (HELDOUT_V24, 300), (HELDOUT_V25, 300), (HELDOUT_V26, 300), (HELDOUT_V27, 300), (HELDOUT_V28, 300), (HELDOUT_V29, 300), (HELDOUT_V30, 300), (HELDOUT_V31, 300), (HELDOUT_V32, 300), (HELDOUT_V33, 300), (HELDOUT_V34, 300), (HELDOUT_V35, 300), (HELDOUT_V36, 300), (HELDOUT_V37, 300), (HELDOUT_V38, 300), (HELDOUT_V39, 300), (DEV, 150)])
 def test_held_out_cases_are_not_training_texts(path, size):
     training = {text.lower() for text in load_corpus().texts}
     cases = read_cases(path)
