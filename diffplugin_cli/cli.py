@@ -246,6 +246,7 @@ def train_selector(
     selector: str = typer.Option("text", help="text (our heads, no images needed) or reference (the authors' heads: needs --images and installed plugins)."),
     images: Optional[Path] = typer.Option(None, help="Reference: folder of images whose plugin F^p are the pseudo-labelled keys."),
     corpus: Optional[Path] = typer.Option(None, help="Corpus folder (<task>.txt, none.txt, negation.txt, inverse.txt, objects.toml, vocabulary.toml) (default: the shipped one)."),
+    init: Optional[str] = typer.Option(None, help="Text: fine-tune these heads (a .safetensors file, or 'shipped') instead of training from scratch; they keep their members, tuned layers and null margin."),
     steps: int = typer.Option(800, help="Optimisation steps."),
     negatives: int = typer.Option(7, help="Negative texts per anchor in the contrastive loss (the paper's N)."),
     temperature: float = typer.Option(0.07, help="Temperature tau of the contrastive loss."),
@@ -262,12 +263,12 @@ def train_selector(
     clip_model: Optional[str] = typer.Option(None, help="Reference: CLIP vision hub id or folder (default: registry)."),
     registry: Optional[Path] = typer.Option(None, help="Plugin registry TOML."),
 ) -> None:
-    """Train a selector's heads from scratch (the shipped text heads come from the defaults)."""
+    """Train a selector's heads from scratch (the shipped text heads come from the defaults), or fine-tune text heads (--init)."""
     from .selection import SelectRequest, train_reference_heads_file, train_text_heads_file
 
     settings = {"steps": steps, "negatives": negatives, "temperature": temperature, "batch_size": batch_size, "lr": lr, "seed": seed}
     text_only = {name: value for name, value in (("tuned_layers", tuned_layers), ("tuned_lr", tuned_lr), ("null_margin", null_margin),
-                                                 ("share_layers", share_layers))
+                                                 ("share_layers", share_layers), ("init", init))
                  if value is not None}  # those not given keep TrainConfig's defaults
     log = lambda step, loss: stderr.print(f"step {step}: loss {loss:.4f}")  # noqa: E731
     try:

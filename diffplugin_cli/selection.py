@@ -10,9 +10,9 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 from . import __version__
 from .errors import DiffPluginError, ImageError
 from .registry import Registry, discover_plugins, find_plugin, plugin_search_path
-from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, save_heads, text_selector_dtype
+from .selector import NULL_KEY, ReferenceSelector, Selection, SentenceEncoder, TextSelector, load_text_heads, save_heads, text_selector_dtype
 from .selector_eval import evaluate, read_cases
-from .selector_training import SHIPPED_MEMBERS, TrainConfig, load_corpus, share_tuned_layers, train_text_selector
+from .selector_training import SHIPPED_MEMBERS, TrainConfig, corpus_labels, load_corpus, share_tuned_layers, train_text_selector
 
 
 @dataclass
@@ -102,15 +102,20 @@ def _provenance(texts, settings: TrainConfig, **extra: str) -> dict[str, str]:
 
 
 def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | None = None, log=None, members: int | None = None,
-                          **config) -> Path:
-    """Train the text selector from scratch and write its heads (with provenance) to `out`.
+                          init: str | os.PathLike | None = None, **config) -> Path:
+    """Train the text selector and write its heads (with provenance) to `out`.
 
     `members` (default: as many as the shipped heads) > 1 trains that many heads, with seeds seed,
     seed + 1, ..., each exactly as a single run with that seed, and writes them as one ensemble
     whose scores are averaged: one run's errors depend on its seed (the order of its batches), and
     the mean of several runs depends on it less. With `share_layers` (default) the members then
-    share the mean of their tuned layers (`share_tuned_layers`)."""
-    members = SHIPPED_MEMBERS if members is None else members
+    share the mean of their tuned layers (`share_tuned_layers`).
+
+    `init` (a heads file, or "shipped") fine-tunes its members, member i from its member i, instead
+    of training from scratch: a few hundred steps at a low learning rate move the choices far less
+    than a new run does, so phrasings added to the corpus can be taught without retraining."""
+    starts = _initial_heads(init, members, config)
+    members = len(starts) if starts else SHIPPED_MEMBERS if members is None else members
     if members < 1:
         raise DiffPluginError(f"--members {members}: expected 1 or more")
     first = TrainConfig(**config)
@@ -119,13 +124,31 @@ def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | No
     for member in range(members):
         settings = replace(first, seed=first.seed + member)
         texts = load_corpus(corpus, seed=settings.seed)
+        if starts and list(starts[member].config.labels) != corpus_labels(texts):
+            raise DiffPluginError(f"--init {init}: its heads have labels {', '.join(starts[member].config.labels)}; "
+                                  f"the corpus has {', '.join(corpus_labels(texts))}")
         member_log = log and (lambda step, loss, done=member * settings.steps: log(done + step, loss))
-        trained.append(train_text_selector(texts, encoder, settings, member_log))
+        trained.append(train_text_selector(texts, encoder, settings, member_log, init=starts[member] if starts else None))
         sizes.append(str(len(texts.texts)))
     if first.share_layers and members > 1:
         share_tuned_layers(trained)
-    provenance = _provenance(texts, first, members=str(members), corpus_texts=",".join(sizes))
+    provenance = _provenance(texts, first, members=str(members), corpus_texts=",".join(sizes)) | ({"init": str(init)} if init else {})
     return save_heads(trained, out, provenance)
+
+
+def _initial_heads(init: str | os.PathLike | None, members: int | None, config: dict) -> list:
+    """The members `init` holds (none without it); the fine-tuned heads keep their tuned layers and null margin."""
+    if init is None:
+        return []
+    starts = load_text_heads(None if str(init) == "shipped" else init)
+    if members not in (None, len(starts)):
+        raise DiffPluginError(f"--members {members}: --init {init} holds {len(starts)} heads, and each member starts from one")
+    kept = {"tuned_layers": starts[0].config.tuned_layers, "null_margin": starts[0].config.null_margin}
+    for name, value in kept.items():
+        if config.get(name, value) != value:
+            raise DiffPluginError(f"--{name.replace('_', '-')} {config[name]:g}: fine-tuned heads keep those of --init {init} ({value:g})")
+    config.update(kept)
+    return starts
 
 
 def train_reference_heads_file(out: str | os.PathLike, images: str | os.PathLike, request: SelectRequest, corpus: str | os.PathLike | None = None,

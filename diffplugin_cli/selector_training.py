@@ -16,6 +16,7 @@ text encoder's pooled outputs and the plugins' F^p are computed once.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -417,13 +418,37 @@ def label_index(corpus: LabelledTexts, names: Sequence[str]) -> tuple[torch.Tens
     return targets, {i: targets[:, i].nonzero().flatten().tolist() for i in range(len(names))}
 
 
+def corpus_labels(corpus: LabelledTexts) -> list[str]:
+    """The text heads' labels for `corpus`: its tasks sorted, then null."""
+    return sorted({part for label in corpus.labels for part in label_parts(label)} - {NULL_KEY}) + [NULL_KEY]
+
+
+def new_text_heads(encoder: SentenceEncoder, names: list[str], config: TrainConfig, cache: CachedStates,
+                   by_label: dict[int, list[int]]) -> TextSelectorHeads:
+    """Fresh heads: tuned layers copied from the encoder's top ones, each key at its label's prototype."""
+    encoder_config = {key: getattr(encoder.model.config, key) for key in LAYER_CONFIG_KEYS} if config.tuned_layers else None
+    heads = TextSelectorHeads(labels=tuple(names), text_dim=encoder.model.config.hidden_size, tuned_layers=config.tuned_layers,
+                              encoder_config=encoder_config, null_margin=config.null_margin)
+    layers = encoder.model.encoder.layer
+    for top, layer in zip(heads.top, layers[len(layers) - config.tuned_layers:]):
+        top.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        heads.eval()
+        count = len(cache.states)
+        pooled = torch.cat([heads.pooled(*cache.batch(range(start, min(start + 256, count)))) for start in range(0, count, 256)])
+        heads.label_keys.copy_(torch.stack([F.normalize(pooled[by_label[i]].mean(0), dim=0) for i in range(len(names))]))
+    return heads
+
+
 def train_text_selector(
     corpus: LabelledTexts,
     encoder: SentenceEncoder,
     config: TrainConfig = TrainConfig(),
     log: Callable[[int, float], None] | None = None,
+    init: TextSelectorHeads | None = None,
 ) -> TextSelectorHeads:
-    """Train the text selector's heads from scratch on `corpus` (labels: tasks and null).
+    """Train the text selector's heads on `corpus` (labels: tasks and null): from scratch, or
+    fine-tuned from a copy of `init` (same labels and tuned layers; it keeps init's null margin).
 
     The encoder's layers below the `tuned_layers` copies stay frozen, so their token states are
     computed once; each step runs only the copies, pooling and MLP over the texts it samples."""
@@ -431,20 +456,17 @@ def train_text_selector(
         raise ValueError("training the text selector needs the whole sentence encoder (its top layers start the tuned copies)")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    names = sorted({part for label in corpus.labels for part in label_parts(label)} - {NULL_KEY}) + [NULL_KEY]
+    names = corpus_labels(corpus)
     cache = CachedStates(encoder, corpus.texts, config.tuned_layers)
     targets, by_label = label_index(corpus, names)
     negatives, pools = negatives_by_label(by_label), source_pools(corpus, by_label)
-    encoder_config = {key: getattr(encoder.model.config, key) for key in LAYER_CONFIG_KEYS} if config.tuned_layers else None
-    heads = TextSelectorHeads(labels=tuple(names), text_dim=encoder.model.config.hidden_size, tuned_layers=config.tuned_layers,
-                              encoder_config=encoder_config, null_margin=config.null_margin)
-    layers = encoder.model.encoder.layer
-    for copy, layer in zip(heads.top, layers[len(layers) - config.tuned_layers:]):
-        copy.load_state_dict(layer.state_dict())
-    with torch.no_grad():  # start each key at its label's prototype
-        heads.eval()
-        pooled = torch.cat([heads.pooled(*cache.batch(range(start, min(start + 256, len(targets))))) for start in range(0, len(targets), 256)])
-        heads.label_keys.copy_(torch.stack([F.normalize(pooled[by_label[i]].mean(0), dim=0) for i in range(len(names))]))
+    if init is None:
+        heads = new_text_heads(encoder, names, config, cache, by_label)
+    else:
+        if list(init.config.labels) != names or init.config.tuned_layers != config.tuned_layers:
+            raise ValueError(f"the initial heads have labels {list(init.config.labels)} and {init.config.tuned_layers} tuned layers; "
+                             f"this corpus and config need {names} and {config.tuned_layers}")
+        heads = copy.deepcopy(init).float().requires_grad_(True)
     heads.train()
     groups = [{"params": [p for name, p in heads.named_parameters() if not name.startswith("top.")], "lr": config.lr}]
     if config.tuned_layers:

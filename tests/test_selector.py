@@ -670,6 +670,40 @@ def test_training_an_ensemble_is_training_each_seed_alone(tmp_path):
                    for key, value in member.state_dict().items())
 
 
+def test_fine_tuning_starts_each_member_from_the_initial_heads(tmp_path):
+    """`init=FILE` trains member i on from the file's member i: with a zero learning rate they come
+    back unchanged; with steps they move a little from it, nowhere near where a fresh run starts."""
+    settings = {"corpus": small_corpus(tmp_path / "corpus"), "batch_size": 4, "steps": 2}
+    fresh = load_text_heads(train_text_heads_file(tmp_path / "fresh.safetensors", members=2, **settings))
+    fresh_keys = [member.label_keys.clone() for member in fresh]  # what the same run gives without init
+    torch.manual_seed(0)
+    for member in fresh:  # keys no training run would start from
+        member.label_keys.copy_(torch.nn.functional.normalize(torch.randn_like(member.label_keys), dim=-1))
+    start = save_heads(fresh, tmp_path / "start.safetensors")
+    frozen = load_text_heads(train_text_heads_file(tmp_path / "frozen.safetensors", init=start, lr=0.0, tuned_lr=0.0, **settings))
+    tuned = load_text_heads(train_text_heads_file(tmp_path / "tuned.safetensors", init=start, **settings))
+    assert len(frozen) == len(tuned) == 2
+    for initial, unchanged, moved, keys in zip(load_text_heads(start), frozen, tuned, fresh_keys):
+        assert all(torch.equal(value, unchanged.state_dict()[key]) for key, value in initial.state_dict().items())
+        assert not torch.equal(initial.label_keys, moved.label_keys)
+        assert torch.allclose(initial.label_keys, moved.label_keys, atol=0.01)  # two Adam steps of lr 1e-3
+        assert not torch.allclose(moved.label_keys, keys, atol=0.1)
+
+
+def test_train_selector_cli_refuses_init_heads_that_do_not_fit(tmp_path):
+    """`--init` heads keep their labels, members, tuned layers and null margin: a corpus of other
+    tasks or a flag asking otherwise is a one-line error naming the heads."""
+    corpus = small_corpus(tmp_path / "corpus")
+    args = ["train", "selector", "--corpus", str(corpus), "--steps", "1", "--batch-size", "4", "--out", str(tmp_path / "out.safetensors")]
+    shipped = CliRunner().invoke(app, [*args, "--init", "shipped"])
+    assert shipped.exit_code == 2 and "--init shipped: its heads have labels deblur, dehaze" in shipped.stderr, shipped.output
+    assert "the corpus has desnow, lowlight, null" in shipped.stderr
+    for flag, value, expected in (("--members", "2", "holds 3 heads"), ("--tuned-layers", "1", "(2)"), ("--null-margin", "0.5", "(1)")):
+        refused = CliRunner().invoke(app, [*args, "--init", "shipped", flag, value])
+        assert refused.exit_code == 2 and f"{flag} {value}:" in refused.stderr and expected in refused.stderr, refused.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 @pytest.mark.parametrize("path", CASE_FILES, ids=lambda path: path.stem)
 def test_held_out_cases_are_not_training_texts(path):
     training = {text.lower() for text in load_corpus().texts}
@@ -729,7 +763,7 @@ def test_train_reference_selector_learns_from_plugin_features(tmp_path):
     assert missing.exit_code == 2 and "needs --images" in missing.stderr
     ensemble = CliRunner().invoke(app, [*args, "--members", "2"])
     assert ensemble.exit_code == 2 and "--members" in ensemble.stderr
-    for flag, value in (("--null-margin", "0.5"), ("--tuned-layers", "1"), ("--tuned-lr", "1e-4")):
+    for flag, value in (("--null-margin", "0.5"), ("--tuned-layers", "1"), ("--tuned-lr", "1e-4"), ("--init", "shipped")):
         refused = CliRunner().invoke(app, [*args, flag, value])
         assert refused.exit_code == 2 and flag in refused.stderr and "text selector only" in refused.stderr
     result = CliRunner().invoke(app, [*args, "--images", str(images), "--steps", "150"])
