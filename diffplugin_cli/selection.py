@@ -137,7 +137,8 @@ def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | No
 
 
 def _initial_heads(init: str | os.PathLike | None, members: int | None, config: dict) -> list:
-    """The members `init` holds (none without it); the fine-tuned heads keep their tuned layers and null margin."""
+    """The members `init` holds (none without it). The fine-tuned heads keep its tuned layers and null
+    margin: `config` gets them (so the provenance records them), and flags asking otherwise are refused."""
     if init is None:
         return []
     starts = load_text_heads(None if str(init) == "shipped" else init)

@@ -671,8 +671,8 @@ def test_training_an_ensemble_is_training_each_seed_alone(tmp_path):
 
 
 def test_fine_tuning_starts_each_member_from_the_initial_heads(tmp_path):
-    """`init=FILE` trains member i on from the file's member i: with a zero learning rate they come
-    back unchanged; with steps they move a little from it, nowhere near where a fresh run starts."""
+    """`init=FILE` continues training member i from the file's member i: with a zero learning rate
+    the members come back unchanged; with steps they move a little, nowhere near the fresh run's."""
     settings = {"corpus": small_corpus(tmp_path / "corpus"), "batch_size": 4, "steps": 2}
     fresh = load_text_heads(train_text_heads_file(tmp_path / "fresh.safetensors", members=2, **settings))
     fresh_keys = [member.label_keys.clone() for member in fresh]  # what the same run gives without init
