@@ -115,7 +115,7 @@ def train_text_heads_file(out: str | os.PathLike, corpus: str | os.PathLike | No
     of training from scratch: a few hundred steps at a low learning rate move the choices far less
     than a new run does, so phrasings added to the corpus can be taught without retraining."""
     starts = _initial_heads(init, members, config)
-    members = len(starts) if starts else SHIPPED_MEMBERS if members is None else members
+    members = len(starts) if starts else (SHIPPED_MEMBERS if members is None else members)
     if members < 1:
         raise DiffPluginError(f"--members {members}: expected 1 or more")
     first = TrainConfig(**config)
