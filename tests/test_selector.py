@@ -257,6 +257,15 @@ def test_shipped_heads_read_shine_on_skin_as_highlight(text_selector):
     assert text_selector.select("keep the shine on her forehead", tasks).is_none
 
 
+def test_shipped_heads_read_forget_and_praise_as_refusals(text_selector):
+    """"forget the fog" and "the snow is pretty" keep that damage (the heads before also selected it)."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("forget the fog, remove the rain", tasks).selected == ["derain"]
+    assert text_selector.select("the snow is pretty, sharpen the photo", tasks).selected == ["deblur"]
+    assert text_selector.select("the fog is charming, restore the faces", tasks).selected == ["face"]
+    assert text_selector.select("thicken the mist over the field", tasks).is_none  # more of it wanted
+
+
 def test_a_refusal_covers_every_noun_joined_by_and(text_selector):
     """"leave A and B": B is refused too, not read as a request of its own."""
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
