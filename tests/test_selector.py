@@ -266,6 +266,18 @@ def test_shipped_heads_read_forget_and_praise_as_refusals(text_selector):
     assert text_selector.select("thicken the mist over the field", tasks).is_none  # more of it wanted
 
 
+def test_shipped_heads_read_sleet_as_snow_and_a_darker_mood_as_no_request(text_selector):
+    """Sleet and wet snow are desnow's words, and "darker and moodier" asks for no plugin (the heads
+    before selected nothing for the sleet and `lowlight` for the moods)."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("get rid of the sleet on the photo of the tram", tasks).selected == ["desnow"]
+    assert text_selector.select("the photo is full of wet snow, clean it", tasks).selected == ["desnow"]
+    assert text_selector.select("remove the sleet and brighten the shot", tasks).selected == ["desnow", "lowlight"]
+    assert text_selector.select("the sleet can stay, sharpen the photo", tasks).selected == ["deblur"]
+    assert text_selector.select("make the bedroom darker and moodier", tasks).is_none
+    assert text_selector.select("make the alley even darker and moodier", tasks).is_none
+
+
 def test_a_refusal_covers_every_noun_joined_by_and(text_selector):
     """"leave A and B": B is refused too, not read as a request of its own."""
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
