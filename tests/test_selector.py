@@ -274,7 +274,8 @@ def test_shipped_heads_read_forget_and_praise_as_refusals(text_selector):
 
 def test_shipped_heads_read_sleet_as_snow_and_a_darker_mood_as_no_request(text_selector):
     """Sleet and wet snow are desnow's words, and "darker and moodier" asks for no plugin (the heads
-    before selected nothing for the sleet and `lowlight` for the moods)."""
+    before left out `desnow` for the sleet, added `derain` to the wet snow and selected `lowlight`
+    for the moods)."""
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
     assert text_selector.select("get rid of the sleet on the photo of the tram", tasks).selected == ["desnow"]
     assert text_selector.select("the photo is full of wet snow, clean it", tasks).selected == ["desnow"]
