@@ -85,8 +85,9 @@ are left out until each has judged a candidate: pass it with --cases then, once.
 With --dtype bf16 it also counts the cases whose selection differs from fp32's (the fp32 selector
 is loaded after the timed one and timed by nothing).
 
-Also reports how many held-out clauses appear word for word in the training corpus, and ZTA on
-the held-out cases none of whose clauses does, so that overlap cannot flatter the figures.
+Also reports how many held-out clauses appear word for word in the training corpus (that of any
+member's seed), and ZTA on the held-out cases none of whose clauses does, so that overlap cannot
+flatter the figures.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ from pathlib import Path
 
 from diffplugin_cli.selector import NULL_KEY, TEXT_SELECTOR_DTYPES, TextSelector, clauses
 from diffplugin_cli.selector_eval import evaluate, read_cases
-from diffplugin_cli.selector_training import load_corpus
+from diffplugin_cli.selector_training import shipped_training_texts
 
 DATA = Path(__file__).parents[1] / "tests/data"
 LAST_READ_SET = 41  # held-out sets v2 to this one have judged their candidate; later ones stay unread until they do
@@ -124,8 +125,9 @@ def main() -> None:
     summary = {"dtype": args.dtype, "load_s": round(load_s, 3)}
     read_sets = ["", *(f"_v{n}" for n in range(2, LAST_READ_SET + 1))]
     default = [DATA / f"selector_heldout{suffix}.jsonl" for suffix in read_sets] + [DATA / "selector_dev.jsonl"]
+    training = shipped_training_texts()
     for path in args.cases or map(str, default):
-        summary[Path(path).stem] = report_cases(path, selector, tasks, fp32)
+        summary[Path(path).stem] = report_cases(path, selector, tasks, training, fp32)
     if args.train:
         from diffplugin_cli.selection import train_text_heads_file
 
@@ -136,7 +138,7 @@ def main() -> None:
     print(json.dumps(summary))
 
 
-def report_cases(path: str, selector: TextSelector, tasks: list[str], fp32: TextSelector | None = None) -> dict:
+def report_cases(path: str, selector: TextSelector, tasks: list[str], training: set[str], fp32: TextSelector | None = None) -> dict:
     """Print ZTA and friends per kind for one held-out file; return the figures for the JSON line."""
     cases = read_cases(path)
     start = time.perf_counter()
@@ -152,7 +154,6 @@ def report_cases(path: str, selector: TextSelector, tasks: list[str], fp32: Text
         figures["differs_from_fp32"] = sum(selector.select(case["text"], tasks).selected != fp32.select(case["text"], tasks).selected
                                            for case in cases)
 
-    training = {text.lower() for text in load_corpus().texts}
     seen = [any(c.lower() in training for c in clauses(case["text"])) for case in cases]
     unseen_cases = [case for case, hit in zip(cases, seen) if not hit]
     unseen = evaluate(unseen_cases, selector.raw_scores_many, tasks) if unseen_cases else {}

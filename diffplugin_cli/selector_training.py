@@ -285,6 +285,12 @@ def _lines(path: Path) -> list[str]:
 SHIPPED_MEMBERS = 3  # training runs (seeds 0, 1, 2) averaged in the shipped text heads
 
 
+def shipped_training_texts(folder: str | Path | None = None) -> set[str]:
+    """Every text, lower-cased, that the shipped members train on: member i draws the corpus with
+    seed i, whose prefix/suffix variants differ, so one seed's corpus misses some of them."""
+    return {text.lower() for seed in range(SHIPPED_MEMBERS) for text in load_corpus(folder, seed=seed).texts}
+
+
 @dataclass
 class TrainConfig:
     steps: int = 800
