@@ -285,6 +285,21 @@ def test_shipped_heads_read_sleet_as_snow_and_a_darker_mood_as_no_request(text_s
     assert text_selector.select("make the alley even darker and moodier", tasks).is_none
 
 
+def test_shipped_heads_read_make_it_clear_as_a_result_and_a_blurred_portrait_as_deblur(text_selector):
+    """"make it clear" names no damage, so after a described face it adds nothing; a blurred portrait
+    is `deblur`, a face only when a face is named; shine said with a verb is highlight's (the heads
+    before added `dehaze` to the faces, `face` to the portraits and read the shining head as none)."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("the grandmother's face is grainy, make it clear", tasks).selected == ["face"]
+    assert text_selector.select("the faces are smudged, make them clear", tasks).selected == ["face"]
+    assert text_selector.select("make it clear", tasks).is_none
+    assert text_selector.select("the fog is thick, make it clear", tasks).selected == ["dehaze"]
+    assert text_selector.select("the portrait came out fuzzy, sharpen it", tasks).selected == ["deblur"]
+    assert text_selector.select("sharpen the shaky portrait of my aunt", tasks).selected == ["deblur"]
+    assert text_selector.select("restore the portrait", tasks).selected == ["face"]
+    assert text_selector.select("the bald head shines, fix it", tasks).selected == ["highlight"]
+
+
 def test_a_refusal_covers_every_noun_joined_by_and(text_selector):
     """"leave A and B": B is refused too, not read as a request of its own."""
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
