@@ -75,8 +75,8 @@ snow among desnow's words, got one more right but failed a test of the shipped h
 "get rid of the mist in the background" selected nothing); v41 chose those sleet words with null
 "darker and moodier" edits ("make the sky darker and moodier"); v42 chose nothing (its
 candidate, "make it clear" as no request and shine described with a verb, lost one); v43 chose
-those two with a blurred portrait as `deblur`, not `face` ("the portrait is out of focus"), the
-heads shipped now.
+those two with a blurred portrait as `deblur`, not `face` ("sharpen the out of focus portrait of
+my dog"), the heads shipped now.
 Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide corpus changes).
 tests/data/selector_heldout_v44.jsonl (300 cases, written before v38 was read),
 tests/data/selector_heldout_v45.jsonl (300 cases, written before v39 was read),
