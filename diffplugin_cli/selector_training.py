@@ -320,9 +320,9 @@ def negatives_by_label(by_label: dict[int, list[int]]) -> dict[int, list[int]]:
 @dataclass
 class LabelPool:
     """One label's texts grouped by source. `draw` picks a source with probability proportional to
-    the square root of its size, then one of its texts: drawn uniformly over the label, a template
-    kind of twenty-six texts ("don't dehaze it") would meet the loss a seventh as often, since
-    null's 6585 "leave the snow alone"/"add snow" template texts would take 70% of its draws."""
+    the square root of its size, then one of its texts: drawn uniformly over the label, null's 34
+    "don't dehaze it" refusals would meet the loss about a sixth as often, since its 6766 "leave
+    the snow alone"/"add snow" template texts would take two thirds of its draws."""
     groups: list[list[int]]
 
     def __post_init__(self) -> None:
