@@ -302,9 +302,9 @@ def test_shipped_heads_read_make_it_clear_as_a_result_and_a_blurred_portrait_as_
 
 def test_shipped_heads_read_a_shower_as_rain_sun_glare_as_glare_and_hidden_faces_as_darkness(text_selector):
     """A shower is rain, the sun's glare is highlight's, and a photo too dark to see the faces is
-    `lowlight` alone (the heads before selected nothing for the showers and the glare alone, only
-    `dehaze` beside it, and added `face` to the dark party photo); a "without dehazing" refusal,
-    which the corpus now holds, still refuses."""
+    `lowlight` alone (the heads before selected nothing for the showers, the glare alone and the
+    black cave photo, only `dehaze` beside the haze, and added `face` to the dark party photo); a
+    "without dehazing" refusal, which the corpus now holds, still refuses."""
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
     assert text_selector.select("the shower left diagonal lines across my picture of the orchard", tasks).selected == ["derain"]
     assert text_selector.select("remove the shower from my picture of the rose garden", tasks).selected == ["derain"]
