@@ -570,14 +570,15 @@ def test_tuned_layers_start_as_the_encoders_top_layers_and_round_trip(tmp_path):
 
 
 def test_the_selector_skips_the_encoder_layers_its_heads_replace(text_selector):
-    """The shipped selector loads the encoder without its top two layers (the heads hold tuned copies
-    of them): same scores, bit for bit, as with the whole encoder, two layers fewer per instruction."""
-    assert text_selector.encoder.dropped == 2
-    assert len(text_selector.encoder.model.encoder.layer) == 4
+    """The shipped selector loads the encoder without the top layers its heads hold tuned copies of:
+    same scores, bit for bit, as with the whole encoder, those layers fewer per instruction."""
+    tuned = text_selector.members[0].config.tuned_layers
     whole = TextSelector(text_selector.members, SentenceEncoder())
+    assert tuned > 0 and text_selector.encoder.dropped == tuned
+    assert len(text_selector.encoder.model.encoder.layer) == len(whole.encoder.model.encoder.layer) - tuned
     for text in ("remove the snow and brighten", "derain without dehazing", "make it a painting", "é" * 300):
         assert text_selector.raw_scores(text) == whole.raw_scores(text)
-    with pytest.raises(DiffPluginError, match="without its top 2 layers"):
+    with pytest.raises(DiffPluginError, match=f"without its top {tuned} layers"):
         text_selector.encoder.token_states(["x"], below_top=0)
     with pytest.raises(ValueError, match="whole sentence encoder"):
         train_text_selector(load_corpus(variants=0), text_selector.encoder, TrainConfig(steps=0))
@@ -756,8 +757,10 @@ def test_train_selector_cli_refuses_init_heads_that_do_not_fit(tmp_path):
     shipped = CliRunner().invoke(app, [*args, "--init", "shipped"])
     assert shipped.exit_code == 2 and "--init shipped: its heads have labels deblur, dehaze" in shipped.stderr, shipped.output
     assert "the corpus has desnow, lowlight, null" in shipped.stderr
-    shipped_members = len(load_text_heads())
-    for flag, value, expected in (("--members", "2", f"holds {shipped_members} heads"), ("--tuned-layers", "1", "(2)"), ("--null-margin", "0.5", "(1)")):
+    shipped_heads = load_text_heads()
+    tuned = shipped_heads[0].config.tuned_layers
+    assert tuned != 1 and len(shipped_heads) != 2  # the flags below must ask for something else
+    for flag, value, expected in (("--members", "2", f"holds {len(shipped_heads)} heads"), ("--tuned-layers", "1", f"({tuned})"), ("--null-margin", "0.5", "(1)")):
         refused = CliRunner().invoke(app, [*args, "--init", "shipped", flag, value])
         assert refused.exit_code == 2 and f"{flag} {value}:" in refused.stderr and expected in refused.stderr, refused.output
     assert not (tmp_path / "out.safetensors").exists()
