@@ -664,7 +664,7 @@ def test_null_margin_gates_clause_scores(text_selector):
     null margin (1.0 in the shipped heads and `train selector`'s default; 0 is the authors' rule)."""
     assert text_selector.members[0].config.null_margin == 1.0
     text = "remove the snow but keep the fog"
-    states = text_selector.encoder.token_states(clauses(text), 2)
+    states = text_selector.encoder.token_states(clauses(text), text_selector.members[0].config.tuned_layers)
     per_clause = torch.stack([member(*states) for member in text_selector.members]).mean(0)
     null = per_clause[:, text_selector.labels.index(NULL_KEY)]
 
