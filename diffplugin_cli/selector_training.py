@@ -298,7 +298,7 @@ class TrainConfig:
     negatives: int = 7
     temperature: float = 0.07
     lr: float = 1e-3
-    tuned_layers: int = 2
+    tuned_layers: int = 3
     tuned_lr: float = 5e-5
     weight_decay: float = 0.01
     calibration_weight: float = 1.0
