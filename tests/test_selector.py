@@ -560,7 +560,7 @@ def test_training_draws_rare_phrasings_more_often_than_their_share():
         assert abs(share - expected) < 0.01, (share, expected)
 
 
-def test_tuned_layers_start_as_the_encoders_top_layers_and_round_trip(tmp_path):
+def test_tuned_layers_start_as_the_encoders_top_layers_and_round_trip(tmp_path, text_selector):
     """Untrained, the copied top layers reproduce the frozen encoder's mean-pooled embeddings; trained
     weights survive save/load, so the shipped file alone (plus the packaged encoder) gives the scores."""
     encoder = SentenceEncoder()
@@ -570,7 +570,7 @@ def test_tuned_layers_start_as_the_encoders_top_layers_and_round_trip(tmp_path):
     states, mask = encoder.token_states(texts)
     weights = mask.unsqueeze(-1).float()
     frozen = torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=-1)
-    assert untrained.config.tuned_layers == load_text_heads()[0].config.tuned_layers  # the default is the shipped count
+    assert untrained.config.tuned_layers == text_selector.members[0].config.tuned_layers  # the default is the shipped count
     assert (untrained.pooled(*encoder.token_states(texts, below_top=untrained.config.tuned_layers)) - frozen).abs().max() <= 1e-5
 
     trained = train_text_selector(corpus, encoder, TrainConfig(steps=3, batch_size=4))
@@ -761,7 +761,7 @@ def test_fine_tuning_starts_each_member_from_the_initial_heads(tmp_path):
         assert not torch.allclose(moved.label_keys, keys, atol=0.1)
 
 
-def test_train_selector_cli_refuses_init_heads_that_do_not_fit(tmp_path):
+def test_train_selector_cli_refuses_init_heads_that_do_not_fit(tmp_path, text_selector):
     """`--init` heads keep their labels, members, tuned layers and null margin: a corpus of other
     tasks or a flag asking otherwise is a one-line error naming the heads."""
     corpus = small_corpus(tmp_path / "corpus")
@@ -769,7 +769,7 @@ def test_train_selector_cli_refuses_init_heads_that_do_not_fit(tmp_path):
     shipped = CliRunner().invoke(app, [*args, "--init", "shipped"])
     assert shipped.exit_code == 2 and "--init shipped: its heads have labels deblur, dehaze" in shipped.stderr, shipped.output
     assert "the corpus has desnow, lowlight, null" in shipped.stderr
-    shipped_heads = load_text_heads()
+    shipped_heads = text_selector.members
     tuned = shipped_heads[0].config.tuned_layers
     assert tuned != 1 and len(shipped_heads) != 2  # the flags below must ask for something else
     for flag, value, expected in (("--members", "2", f"holds {len(shipped_heads)} heads"), ("--tuned-layers", "1", f"({tuned})"), ("--null-margin", "0.5", "(1)")):
