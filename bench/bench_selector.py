@@ -65,7 +65,7 @@ requests in the corpus, 1600 training steps and two tuned encoder layers; for tw
 with a null margin; for compound clauses in the corpus; for refusal, inverse and edit phrasings;
 for phrasings that name what the photo shows; for wanted-damage and other-fix phrasings; for giving a
 noun phrase after "and" the verb of the clause before it; for drawing training texts by source), see
-README; v18, v19 and v20 chose nothing (their candidates tied); v21 chose the place and face-damage
+docs/selector-evaluation.md; v18, v19 and v20 chose nothing (their candidates tied); v21 chose the place and face-damage
 phrasings; v22 the bare task names ("desnow it"); v23 the plain refusals of the fixes ("no
 desnowing"); v24 the places of highlight's own damage ("the shine on his forehead"); v25 lowlight's own
 shadow edits with null darker and shadow-removal edits ("lift the shadows"); v26 chose nothing

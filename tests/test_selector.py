@@ -58,7 +58,7 @@ SELECTOR_CASES = MANIFEST["selector_cases"]
 HEADS = CONFORMANCE / "selector/PromptTunner.pt"
 HELDOUT = Path(__file__).parent / "data/selector_heldout.jsonl"
 DEV = Path(__file__).parent / "data/selector_dev.jsonl"  # 150 cases written with v5, whose errors guide corpus changes
-CASE_FILES = sorted((Path(__file__).parent / "data").glob("selector_*.jsonl"))  # the held-out sets (README: how each was written) and dev
+CASE_FILES = sorted((Path(__file__).parent / "data").glob("selector_*.jsonl"))  # the held-out sets (docs/selector-evaluation.md: how each was written) and dev
 # cases the corpus came to generate word for word were dropped (v17's "no desnowing" became a training
 # text; 23 more, in v2 to v29 and dev, were texts of the shipped members' own seeds 1 and 2)
 CASES_UNDER_300 = {"selector_heldout_v2.jsonl": 150, "selector_heldout_v3.jsonl": 199, "selector_dev.jsonl": 149,
