@@ -132,6 +132,12 @@ def compose_vocabulary(vocabulary: dict, tasks: Sequence[str], seed: int = 0) ->
         for kind, count in (("bad", 3), ("good", 2), ("damaged", 2)):
             for adjective in words.get(kind, ()):
                 pairs += fill(kind, count, task, adjective, adj=adjective)
+        # the damaged photo asked to become good, "make the dark photo brighter": without these the
+        # damage word after "make the" reads as the inverse edit ("make it dark", null)
+        attributes = vocabulary.get("compound", {}).get("attributes", {}).get(task, ())
+        for adjective in words.get("good", ()) if attributes and "mend" in templates else ():
+            attribute = random.Random(f"{seed}:mend-attribute:{task}:{adjective}").choice(attributes)
+            pairs += fill("mend", 2, task, f"{task}:{adjective}", adj=adjective, attr=attribute)
         # the same words refused, null: "keep it dark", "without making it brighter", "don't restore the face"
         for kind, refusals in (("bad", "keep"), ("good", "refuse")):
             for adjective in words.get(kind, ()):

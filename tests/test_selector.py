@@ -384,6 +384,30 @@ def test_compound_clauses_carry_both_tasks():
     assert by_label == {0: [0, 2], 1: [1, 2], 2: [3]}
 
 
+def test_a_photo_named_by_its_damage_is_asked_to_become_good():
+    """"make the dark photo brighter": the corpus puts each task's damage attribute before one of its
+    good words, labelled with the task alone, and never with the damage word as the wanted result."""
+    vocabulary = tomllib.loads((packaged_corpus() / "vocabulary.toml").read_text(encoding="utf-8"))
+    corpus = load_corpus(variants=0)
+    mend = [(text, label) for text, label, source in zip(corpus.texts, corpus.labels, corpus.sources) if source == "vocabulary:mend"]
+    attributes = vocabulary["compound"]["attributes"]
+    assert {label for _, label in mend} == set(attributes)
+    for text, label in mend:
+        good = vocabulary["tasks"][label]["good"]
+        assert any(f" {attribute} " in text for attribute in attributes[label]), text
+        assert any(text.endswith(word) for word in good), text
+
+
+def test_shipped_heads_read_a_dark_photo_asked_to_look_brighter_as_lowlight(text_selector, training_texts):
+    """The damage word after "make the" once read as the inverse edit ("make it dark", no request): the
+    heads before the `mend` phrasings scored `lowlight` -1.65 against null 3.37 here. Darker stays
+    no request."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    for text, selected in (("make the dark image look brighter", ["lowlight"]), ("make the dark photo darker", [])):
+        assert text not in training_texts
+        assert text_selector.select(text, tasks).selected == selected
+
+
 def test_subjects_come_with_every_task_and_with_null():
     """Users name what the photo shows ("derain the picture of the harbour"). The corpus puts each
     task's words in photos of subjects, and the same subjects in refusals and out-of-scope edits
