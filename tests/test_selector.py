@@ -386,7 +386,7 @@ def test_compound_clauses_carry_both_tasks():
 
 def test_a_photo_named_by_its_damage_is_asked_to_become_good():
     """"make the dark photo brighter": the corpus puts each task's damage attribute before one of its
-    good words, labelled with the task alone, and never with the damage word as the wanted result."""
+    good words, the wanted result, and labels the text with that task alone."""
     vocabulary = tomllib.loads((packaged_corpus() / "vocabulary.toml").read_text(encoding="utf-8"))
     corpus = load_corpus(variants=0)
     mend = [(text, label) for text, label, source in zip(corpus.texts, corpus.labels, corpus.sources) if source == "vocabulary:mend"]
