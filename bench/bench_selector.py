@@ -59,8 +59,9 @@ tests/data/selector_heldout_v50.jsonl (300 cases, written before v43 was read),
 tests/data/selector_heldout_v51.jsonl (300 cases, written before v44 was read),
 tests/data/selector_heldout_v52.jsonl (300 cases, also written before v44 was read),
 tests/data/selector_heldout_v53.jsonl (300 cases, written before v46 was read),
-tests/data/selector_heldout_v54.jsonl (300 cases, written before v47 was read) and
-tests/data/selector_heldout_v55.jsonl (300 cases, written before v48 was read).
+tests/data/selector_heldout_v54.jsonl (300 cases, written before v47 was read),
+tests/data/selector_heldout_v55.jsonl (300 cases, written before v48 was read) and
+tests/data/selector_heldout_v56.jsonl (300 cases, written before v49 was read).
 Each was committed before anything was measured with it and made one choice when first read; only
 after that did its errors guide later changes, judged on the next set. v3 to v7 together chose the
 ensemble of training runs over a single one; v8 to v17 one more each (against more inverse requests
@@ -98,9 +99,10 @@ chose nothing (its candidate, figurative and chore uses of the tasks' verbs as n
 nor did v52 (its candidate, more face-only texts with blur words, "the singer's face came out
 smudged", tied); v53 chose a photo named by its damage asked to become good as a request
 ("make the dark photo brighter": `mend` in vocabulary.toml); v54 chose nothing (its candidate, twice
-the heads' learning rate, lost two), nor did v55 (its candidate, one null margin per task, tied).
+the heads' learning rate, lost two), nor did v55 (its candidate, one null margin per task, tied);
+v56 chose reading a clause that asks a question as no request ("will it rain tomorrow", "why does
+my photo look hazy?"), with the same heads.
 Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide corpus changes).
-tests/data/selector_heldout_v56.jsonl (300 cases, written before v49 was read),
 tests/data/selector_heldout_v57.jsonl (300 cases, written before v49 and v50 were read),
 tests/data/selector_heldout_v58.jsonl (300 cases, written before v51 was read),
 tests/data/selector_heldout_v59.jsonl (300 cases, written before v52 was read),
@@ -140,7 +142,7 @@ from diffplugin_cli.selector_eval import evaluate, read_cases
 from diffplugin_cli.selector_training import shipped_training_texts
 
 DATA = Path(__file__).parents[1] / "tests/data"
-LAST_READ_SET = 55  # held-out sets v2 to this one have judged their candidate; later ones stay unread until they do
+LAST_READ_SET = 56  # held-out sets v2 to this one have judged their candidate; later ones stay unread until they do
 TARGETS = {"single": 0.99, "multi": 0.97, "single+unsupported": 0.90, "none": 0.90, "negation": 0.90}
 
 

@@ -228,6 +228,22 @@ def clauses(instruction: str) -> list[str]:
     return found or [instruction.strip()]
 
 
+_QUESTION = re.compile(
+    r"(?:(?:why|how|what|which|who|whose|where)\b(?!\s+you\b|\s+about\b)"
+    r"|(?:is|are|was|were|will|does|did|should)\s+(?:it|this|that|these|those|there|the|my|your|his|her|its|our|their|a|an|i|he|she|we|they)\b)"
+    r"(?!\s+possible\b|\s+(?:a\s+|any\s+)?way\b)",
+    re.IGNORECASE,
+)
+
+
+def is_question(clause: str) -> bool:
+    """Whether a clause asks about something rather than for an edit ("will it rain tomorrow", "why
+    is my photo hazy"): it starts with a question word or a verb asking yes or no. Requests put as
+    questions still count: "will you brighten it", "is it possible to remove the snow", "how about
+    sharpening it" (and "can/could/would you ..." never match)."""
+    return _QUESTION.match(clause) is not None
+
+
 def _with_verb_of(previous: str, clause: str) -> str:
     """"the snow" after "leave the darkness" -> "leave the snow"; any other clause as it is."""
     if not _STARTS_WITH_DETERMINER.match(clause) or _STARTS_WITH_DETERMINER.match(previous):
@@ -291,7 +307,8 @@ class TextSelector:
         With several heads (an ensemble of training runs) a clause's scores are their mean. In
         each clause `null` competes with the tasks, as in the authors' selector: a task counts for
         a clause only if it scores above that clause's null by more than the heads' `null_margin`,
-        so "... without changing the face" adds nothing for `face`.
+        so "... without changing the face" adds nothing for `face`; a clause that asks a question
+        (`is_question`: "will it snow tomorrow") counts for no task at all.
         """
         return self.raw_scores_many([instruction])[0]
 
@@ -314,7 +331,8 @@ class TextSelector:
             scores = per_clause[start:start + len(parts)]
             start += len(parts)
             null = scores[:, null_index].unsqueeze(1)
-            gated = torch.where(scores > null + self.members[0].config.null_margin, scores, torch.zeros_like(scores))
+            asks = torch.tensor([not is_question(clause) for clause in parts]).unsqueeze(1)
+            gated = torch.where(asks & (scores > null + self.members[0].config.null_margin), scores, torch.zeros_like(scores))
             gated[:, null_index] = null[:, 0]
             results.append(dict(zip(self.labels, gated.max(dim=0).values.tolist())))
         return results

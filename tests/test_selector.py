@@ -32,6 +32,7 @@ from diffplugin_cli.selector import (
     TextSelector,
     TextSelectorHeads,
     clauses,
+    is_question,
     load_text_heads,
     save_heads,
 )
@@ -229,6 +230,31 @@ def test_clauses():
     assert clauses("the portrait is dark and the face is damaged") == ["the portrait is dark", "the face is damaged"]
     assert clauses("remove rain and then the fog") == ["remove rain", "the fog"]
     assert clauses("keep it, and the fog") == ["keep it", "the fog"]
+
+
+def test_is_question():
+    for text in ("will it rain tomorrow in lisbon", "why does my photo look hazy?", "how do I shoot in the rain",
+                 "is this sharp enough to print", "are my photos blurry", "what does desnow mean", "Is it foggy in London today"):
+        assert is_question(text), text
+    # requests put as questions, and a predicate left after "and" ("... has moire and is out of focus")
+    for text in ("will you brighten it", "can you remove the snow", "could you sharpen it", "is it possible to remove the rain",
+                 "is there a way to fix the glare", "how about sharpening it", "is out of focus", "are too dark",
+                 "isolate the face", "whatever works, brighten it"):
+        assert not is_question(text), text
+
+
+def test_a_question_asks_for_no_edit(text_selector):
+    """Questions about the weather, technique or meaning select nothing (the shipped heads alone
+    select a task for these held-out questions); a request beside a question, or put as one, still
+    counts."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    for text in ("will it rain tomorrow in lisbon", "why are my photos of the moon blurry", "is it going to snow in paris next week"):
+        assert text_selector.select(text, tasks).is_none, text
+        assert all(score == 0.0 for label, score in text_selector.raw_scores(text).items() if label != NULL_KEY), text
+    assert text_selector.select("is this too dark? brighten it", tasks).selected == ["lowlight"]
+    assert text_selector.select("could you remove the snow?", tasks).selected == ["desnow"]
+    assert text_selector.select("is it possible to remove the rain streaks?", tasks).selected == ["derain"]
+    assert text_selector.select("the monitor photo has moire and is out of focus", tasks).selected == ["deblur", "demoire"]
 
 
 def test_shipped_heads_read_a_place_as_part_of_the_request(text_selector):
