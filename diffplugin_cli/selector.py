@@ -229,19 +229,22 @@ def clauses(instruction: str) -> list[str]:
 
 
 _QUESTION = re.compile(
-    r"(?:(?:why|how|what|which|who|whose|where)\b(?!\s+you\b|\s+about\b)"
+    r"(?:(?:why|how|what|which|who|whose|where)\b(?!\s+about\b)"
     r"|(?:is|are|was|were|will|does|did|should)\s+(?:it|this|that|these|those|there|the|my|your|his|her|its|our|their|a|an|i|he|she|we|they)\b)"
     r"(?!\s+possible\b|\s+(?:a\s+|any\s+)?way\b)",
     re.IGNORECASE,
 )
 
 
+_YOU = re.compile(r"\byou\b", re.IGNORECASE)
+
+
 def is_question(clause: str) -> bool:
     """Whether a clause asks about something rather than for an edit ("will it rain tomorrow", "why
     is my photo hazy"): it starts with a question word or a verb asking yes or no. Requests put as
-    questions still count: "will you brighten it", "is it possible to remove the snow", "how about
-    sharpening it" (and "can/could/would you ..." never match)."""
-    return _QUESTION.match(clause) is not None
+    questions still count: any addressed to "you" ("how would you fix the blur", "will you brighten
+    it", "can you ..."), "is it possible to remove the snow", "how about sharpening it"."""
+    return _QUESTION.match(clause) is not None and not _YOU.search(clause)
 
 
 def _with_verb_of(previous: str, clause: str) -> str:

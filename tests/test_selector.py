@@ -237,7 +237,8 @@ def test_is_question():
                  "is this sharp enough to print", "are my photos blurry", "what does desnow mean", "Is it foggy in London today"):
         assert is_question(text), text
     # requests put as questions, and a predicate left after "and" ("... has moire and is out of focus")
-    for text in ("will you brighten it", "can you remove the snow", "could you sharpen it", "is it possible to remove the rain",
+    for text in ("will you brighten it", "can you remove the snow", "could you sharpen it", "how would you fix the blur",
+                 "what can you do about the haze", "why don't you brighten it", "is it possible to remove the rain",
                  "is there a way to fix the glare", "how about sharpening it", "is out of focus", "are too dark",
                  "isolate the face", "whatever works, brighten it"):
         assert not is_question(text), text
@@ -253,6 +254,8 @@ def test_a_question_asks_for_no_edit(text_selector):
         assert all(score == 0.0 for label, score in text_selector.raw_scores(text).items() if label != NULL_KEY), text
     assert text_selector.select("is this too dark? brighten it", tasks).selected == ["lowlight"]
     assert text_selector.select("could you remove the snow?", tasks).selected == ["desnow"]
+    assert text_selector.select("how would you fix the blur?", tasks).selected == ["deblur"]
+    assert text_selector.select("what can you do about the haze", tasks).selected == ["dehaze"]
     assert text_selector.select("is it possible to remove the rain streaks?", tasks).selected == ["derain"]
     assert text_selector.select("the monitor photo has moire and is out of focus", tasks).selected == ["deblur", "demoire"]
 
