@@ -247,6 +247,29 @@ def is_question(clause: str) -> bool:
     return _QUESTION.match(clause) is not None and not _YOU.search(clause)
 
 
+_IF_SO = r"if (?:so|yes|there is|there are|it is)"
+_IF_SO_ALONE = re.compile(_IF_SO, re.IGNORECASE)
+_POINTS_BACK = re.compile(
+    r"(?:" + _IF_SO + r"\s+)?(?:please\s+)?(?:can you\s+|could you\s+)?"
+    r"(?:remove|fix|clean up|clean|clear|get rid of|take out|take|erase|delete|eliminate|reduce|correct|repair|"
+    r"restore|sharpen|brighten|lighten|deal with|sort out)\s+(?:it|them|that|those|this)(?:\s+(?:out|off|up|away))?"
+    r"(?:\s+(?:please|for me))?",
+    re.IGNORECASE,
+)
+
+
+def asks_for_edit(parts: Sequence[str]) -> list[bool]:
+    """Whether each clause of an instruction asks for an edit: not a question (`is_question`), unless
+    the next clause (after a bare "if so") asks to fix what it names by a pronoun ("where is the
+    moire? remove it", "is there snow in this photo? if so, remove it"): the question says what "it" is."""
+    def fix_follows(after: Sequence[str]) -> bool:
+        if after and _IF_SO_ALONE.fullmatch(after[0]):
+            after = after[1:]
+        return bool(after) and _POINTS_BACK.fullmatch(after[0]) is not None
+
+    return [not is_question(clause) or fix_follows(parts[i + 1:]) for i, clause in enumerate(parts)]
+
+
 def _with_verb_of(previous: str, clause: str) -> str:
     """"the snow" after "leave the darkness" -> "leave the snow"; any other clause as it is."""
     if not _STARTS_WITH_DETERMINER.match(clause) or _STARTS_WITH_DETERMINER.match(previous):
@@ -311,7 +334,8 @@ class TextSelector:
         each clause `null` competes with the tasks, as in the authors' selector: a task counts for
         a clause only if it scores above that clause's null by more than the heads' `null_margin`,
         so "... without changing the face" adds nothing for `face`; a clause that asks a question
-        (`is_question`: "will it snow tomorrow") counts for no task at all.
+        (`is_question`: "will it snow tomorrow") counts for no task at all, unless the next clause asks
+        to fix what it names ("where is the moire? remove it", `asks_for_edit`).
         """
         return self.raw_scores_many([instruction])[0]
 
@@ -334,7 +358,7 @@ class TextSelector:
             scores = per_clause[start:start + len(parts)]
             start += len(parts)
             null = scores[:, null_index].unsqueeze(1)
-            asks = torch.tensor([not is_question(clause) for clause in parts]).unsqueeze(1)
+            asks = torch.tensor(asks_for_edit(parts)).unsqueeze(1)
             gated = torch.where(asks & (scores > null + self.members[0].config.null_margin), scores, torch.zeros_like(scores))
             gated[:, null_index] = null[:, 0]
             results.append(dict(zip(self.labels, gated.max(dim=0).values.tolist())))

@@ -31,6 +31,7 @@ from diffplugin_cli.selector import (
     SentenceEncoder,
     TextSelector,
     TextSelectorHeads,
+    asks_for_edit,
     clauses,
     is_question,
     load_text_heads,
@@ -258,6 +259,23 @@ def test_a_question_asks_for_no_edit(text_selector):
     assert text_selector.select("what can you do about the haze", tasks).selected == ["dehaze"]
     assert text_selector.select("is it possible to remove the rain streaks?", tasks).selected == ["derain"]
     assert text_selector.select("the monitor photo has moire and is out of focus", tasks).selected == ["deblur", "demoire"]
+
+
+def test_asks_for_edit():
+    assert asks_for_edit(["will it rain tomorrow", "remove the snow"]) == [False, True]
+    assert asks_for_edit(["where is the moire", "remove it"]) == [True, True]
+    assert asks_for_edit(["is there glare on his glasses", "if so", "take it out"])[0] is True
+    assert asks_for_edit(["is there snow in this photo", "if so remove it"]) == [True, True]
+    for kept in ("leave it", "i like it", "if so", "keep it", "remove it from my memory"):
+        assert asks_for_edit(["is there snow in this photo", kept])[0] is False, kept
+
+
+def test_a_question_followed_by_a_fix_of_what_it_names_is_a_request(text_selector):
+    """The question says what "it" is; before, "where is the moire? remove it" selected nothing."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("where is the moire? remove it", tasks).selected == ["demoire"]
+    assert text_selector.select("is there glare on his glasses? if so, take it out", tasks).selected == ["highlight"]
+    assert text_selector.select("is there snow in this photo? if so, keep it", tasks).is_none
 
 
 def test_shipped_heads_read_a_place_as_part_of_the_request(text_selector):
