@@ -118,8 +118,9 @@ tests/data/selector_heldout_v68.jsonl (300 cases, written before v54 was read),
 tests/data/selector_heldout_v69.jsonl (300 cases, written before v55 was read),
 tests/data/selector_heldout_v70.jsonl (300 cases, written before v55 was read),
 tests/data/selector_heldout_v71.jsonl (300 cases, written before v56 was read),
-tests/data/selector_heldout_v72.jsonl (300 cases, written before v56 was read) and
-tests/data/selector_heldout_v73.jsonl (300 cases, written before v57 was read)
+tests/data/selector_heldout_v72.jsonl (300 cases, written before v56 was read),
+tests/data/selector_heldout_v73.jsonl (300 cases, written before v57 was read) and
+tests/data/selector_heldout_v74.jsonl (300 cases, written before v57 was read)
 are left out until each has judged a candidate: pass it with --cases then, once.
 
 With --dtype bf16 it also counts the cases whose selection differs from fp32's (the fp32 selector
