@@ -270,6 +270,31 @@ def asks_for_edit(parts: Sequence[str]) -> list[bool]:
     return [not is_question(clause) or fix_follows(parts[i + 1:]) for i, clause in enumerate(parts)]
 
 
+_OPPOSITE_EDITS = {
+    # lowlight brightens: a clause asking to darken, or saying the photo is too bright, wants the opposite
+    "lowlight": re.compile(
+        r"\bdarken\b|\b(?:make|turn|render)\b[^.,;!?]*\bdarker\b|\beven darker\b"
+        r"|^(?:(?:even|much|a bit|a little|slightly)\s+)?darker\b"  # what "moodier and darker" leaves after the split
+        r"|\btoo (?:bright|brightly|light)\b|\bover-?exposed\b|\bover-?exposure\b"
+        r"|\b(?:lower|reduce|decrease|tone down|turn down|dial down|bring down|cut|lessen)\s+"
+        r"(?:the\s+|its\s+|some\s+|some of the\s+)?(?:overall\s+)?(?:brightness|exposure)\b"
+        r"|\b(?:brightness|exposure)\s+down\b|\bless bright\b",
+        re.IGNORECASE,
+    ),
+}
+
+
+def wanted_labels(parts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
+    """Which labels each clause may select, [clauses, labels]: none in a clause that does not ask
+    for an edit (`asks_for_edit`), and no task in a clause asking for its opposite edit ("make it
+    darker", "it's too bright" never select `lowlight`, whatever the heads score)."""
+    asks = torch.tensor(asks_for_edit(parts)).unsqueeze(1).repeat(1, len(labels))
+    for column, label in enumerate(labels):
+        if label in _OPPOSITE_EDITS:
+            asks[:, column] &= torch.tensor([_OPPOSITE_EDITS[label].search(clause) is None for clause in parts])
+    return asks
+
+
 def _with_verb_of(previous: str, clause: str) -> str:
     """"the snow" after "leave the darkness" -> "leave the snow"; any other clause as it is."""
     if not _STARTS_WITH_DETERMINER.match(clause) or _STARTS_WITH_DETERMINER.match(previous):
@@ -358,8 +383,8 @@ class TextSelector:
             scores = per_clause[start:start + len(parts)]
             start += len(parts)
             null = scores[:, null_index].unsqueeze(1)
-            asks = torch.tensor(asks_for_edit(parts)).unsqueeze(1)
-            gated = torch.where(asks & (scores > null + self.members[0].config.null_margin), scores, torch.zeros_like(scores))
+            wanted = wanted_labels(parts, self.labels)
+            gated = torch.where(wanted & (scores > null + self.members[0].config.null_margin), scores, torch.zeros_like(scores))
             gated[:, null_index] = null[:, 0]
             results.append(dict(zip(self.labels, gated.max(dim=0).values.tolist())))
         return results

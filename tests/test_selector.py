@@ -36,6 +36,7 @@ from diffplugin_cli.selector import (
     is_question,
     load_text_heads,
     save_heads,
+    wanted_labels,
 )
 from diffplugin_cli.selector_eval import evaluate, metrics, read_cases
 from diffplugin_cli.selector_training import (
@@ -276,6 +277,26 @@ def test_a_question_followed_by_a_fix_of_what_it_names_is_a_request(text_selecto
     assert text_selector.select("where is the moire? remove it", tasks).selected == ["demoire"]
     assert text_selector.select("is there glare on his glasses? if so, take it out", tasks).selected == ["highlight"]
     assert text_selector.select("is there snow in this photo? if so, keep it", tasks).is_none
+
+
+def test_wanted_labels():
+    labels = ["dehaze", "lowlight", NULL_KEY]
+    wanted = wanted_labels(["remove the haze", "make the sky darker", "will it rain"], labels).tolist()
+    assert wanted == [[True, True, True], [True, False, True], [False, False, False]]
+    for darkening in ("darken the corners", "it's too bright", "the photo is overexposed", "lower the exposure a bit",
+                      "reduce the brightness of the dress", "turn the brightness down", "even darker", "darker"):
+        assert wanted_labels([darkening], labels).tolist() == [[True, False, True]], darkening
+    for brightening in ("brighten it", "the photo is darker than it should be", "the dark room needs light", "raise the exposure"):
+        assert wanted_labels([brightening], labels).tolist() == [[True, True, True]], brightening
+
+
+def test_a_request_to_darken_never_selects_lowlight(text_selector):
+    """Low-light enhancement brightens: the shipped heads chose it for these, the opposite edit."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    for darkening in ("it's too bright", "the photo is overexposed", "reduce the exposure", "make the dark alley photo even darker"):
+        assert text_selector.select(darkening, tasks).is_none, darkening
+    assert text_selector.select("the cobblestones shine too brightly in the sun, reduce the glare", tasks).selected == ["highlight"]
+    assert text_selector.select("brighten the foreground but darken the sky", tasks).selected == ["lowlight"]
 
 
 def test_shipped_heads_read_a_place_as_part_of_the_request(text_selector):
