@@ -60,8 +60,9 @@ tests/data/selector_heldout_v51.jsonl (300 cases, written before v44 was read),
 tests/data/selector_heldout_v52.jsonl (300 cases, also written before v44 was read),
 tests/data/selector_heldout_v53.jsonl (300 cases, written before v46 was read),
 tests/data/selector_heldout_v54.jsonl (300 cases, written before v47 was read),
-tests/data/selector_heldout_v55.jsonl (300 cases, written before v48 was read) and
-tests/data/selector_heldout_v56.jsonl (300 cases, written before v49 was read).
+tests/data/selector_heldout_v55.jsonl (300 cases, written before v48 was read),
+tests/data/selector_heldout_v56.jsonl (300 cases, written before v49 was read) and
+tests/data/selector_heldout_v57.jsonl (300 cases, written before v49 and v50 were read).
 Each was committed before anything was measured with it and made one choice when first read; only
 after that did its errors guide later changes, judged on the next set. v3 to v7 together chose the
 ensemble of training runs over a single one; v8 to v17 one more each (against more inverse requests
@@ -101,9 +102,10 @@ smudged", tied); v53 chose a photo named by its damage asked to become good as a
 ("make the dark photo brighter": `mend` in vocabulary.toml); v54 chose nothing (its candidate, twice
 the heads' learning rate, lost two), nor did v55 (its candidate, one null margin per task, tied);
 v56 chose reading a clause that asks a question as no request ("will it rain tomorrow", "why does
-my photo look hazy?"), with the same heads.
+my photo look hazy?"), with the same heads; v57 chose never counting `lowlight` for a clause that
+asks to darken the photo or says it is too bright ("make it even darker", "it's too bright"), the
+opposite edit, with the same heads.
 Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide corpus changes).
-tests/data/selector_heldout_v57.jsonl (300 cases, written before v49 and v50 were read),
 tests/data/selector_heldout_v58.jsonl (300 cases, written before v51 was read),
 tests/data/selector_heldout_v59.jsonl (300 cases, written before v52 was read),
 tests/data/selector_heldout_v60.jsonl (300 cases, written before v52 and v53 were read),
