@@ -284,14 +284,48 @@ _OPPOSITE_EDITS = {
 }
 
 
+_NAMES_TASK = {task: re.compile(r"\b(?:" + words + r")\b", re.IGNORECASE) for task, words in {
+    "desnow": "snow|snowflakes|snowfall|flakes|sleet|desnow",
+    "derain": "rain|raindrops|rain streaks|drizzle|derain",
+    "dehaze": "haze|fog|mist|smog|dehaze|defog",
+    "deblur": "blur|deblur|unblur|sharpen",
+    "lowlight": "darkness|brighten|lighten",
+    "demoire": "moire|demoire",
+    "highlight": "glare|reflection|reflections|shine|highlights",
+}.items()}
+_WITHOUT_REMOVING = re.compile(
+    r"without\s+(?:removing|taking out|taking away|erasing|clearing|cleaning|getting rid of|touching|deleting|"
+    r"eliminating|reducing|losing)\b",
+    re.IGNORECASE,
+)
+
+
+def refused_tasks(parts: Sequence[str]) -> set[str]:
+    """Tasks a "without removing the rain" clause keeps out of the whole instruction: "brighten the
+    rainy street without removing the rain" is no request to derain, though "rainy" alone would
+    count. A task another clause names too stays ("remove the falling snow without removing the
+    snow on the ground")."""
+    refused = set()
+    for i, clause in enumerate(parts):
+        if _WITHOUT_REMOVING.match(clause):
+            others = parts[:i] + parts[i + 1:]
+            refused |= {task for task, names in _NAMES_TASK.items()
+                        if names.search(clause) and not any(names.search(other) for other in others)}
+    return refused
+
+
 def wanted_labels(parts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
     """Which labels each clause may select, [clauses, labels]: none in a clause that does not ask
-    for an edit (`asks_for_edit`), and no task in a clause asking for its opposite edit ("make it
-    darker", "it's too bright" never select `lowlight`, whatever the heads score)."""
+    for an edit (`asks_for_edit`), no task in a clause asking for its opposite edit ("make it
+    darker", "it's too bright" never select `lowlight`, whatever the heads score), and no task the
+    instruction refuses (`refused_tasks`) anywhere."""
     asks = torch.tensor(asks_for_edit(parts)).unsqueeze(1).repeat(1, len(labels))
+    refused = refused_tasks(parts)
     for column, label in enumerate(labels):
         if label in _OPPOSITE_EDITS:
             asks[:, column] &= torch.tensor([_OPPOSITE_EDITS[label].search(clause) is None for clause in parts])
+        if label in refused:
+            asks[:, column] = False
     return asks
 
 

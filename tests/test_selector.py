@@ -35,6 +35,7 @@ from diffplugin_cli.selector import (
     clauses,
     is_question,
     load_text_heads,
+    refused_tasks,
     save_heads,
     wanted_labels,
 )
@@ -297,6 +298,24 @@ def test_a_request_to_darken_never_selects_lowlight(text_selector):
         assert text_selector.select(darkening, tasks).is_none, darkening
     assert text_selector.select("the cobblestones shine too brightly in the sun, reduce the glare", tasks).selected == ["highlight"]
     assert text_selector.select("brighten the foreground but darken the sky", tasks).selected == ["lowlight"]
+
+
+def test_refused_tasks():
+    assert refused_tasks(["brighten the rainy street", "without removing the rain"]) == {"derain"}
+    assert refused_tasks(["make it brighter", "without taking out the snow or the fog"]) == {"desnow", "dehaze"}
+    assert refused_tasks(["remove the falling snow", "without removing the snow on the ground"]) == set()
+    assert refused_tasks(["dehaze it", "without removing the mist over the lake"]) == set()
+    assert refused_tasks(["brighten it", "without losing detail"]) == set()
+    assert refused_tasks(["brighten the rainy street", "without the rain"]) == set()  # "without the rain" asks to remove it
+    labels = ["derain", "lowlight", NULL_KEY]
+    assert wanted_labels(["brighten the rainy street", "without removing the rain"], labels).tolist() == [[False, True, True]] * 2
+
+
+def test_a_refused_task_counts_nowhere_in_the_instruction(text_selector):
+    """The shipped heads count `derain` for "the rainy street" though the instruction keeps the rain."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("brighten the rainy street without removing the rain", tasks).selected == ["lowlight"]
+    assert text_selector.select("remove the falling snow without removing the snow on the ground", tasks).selected == ["desnow"]
 
 
 def test_shipped_heads_read_a_place_as_part_of_the_request(text_selector):
