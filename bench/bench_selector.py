@@ -61,8 +61,9 @@ tests/data/selector_heldout_v52.jsonl (300 cases, also written before v44 was re
 tests/data/selector_heldout_v53.jsonl (300 cases, written before v46 was read),
 tests/data/selector_heldout_v54.jsonl (300 cases, written before v47 was read),
 tests/data/selector_heldout_v55.jsonl (300 cases, written before v48 was read),
-tests/data/selector_heldout_v56.jsonl (300 cases, written before v49 was read) and
-tests/data/selector_heldout_v57.jsonl (300 cases, written before v49 and v50 were read).
+tests/data/selector_heldout_v56.jsonl (300 cases, written before v49 was read),
+tests/data/selector_heldout_v57.jsonl (300 cases, written before v49 and v50 were read) and
+tests/data/selector_heldout_v58.jsonl (300 cases, written before v51 was read).
 Each was committed before anything was measured with it and made one choice when first read; only
 after that did its errors guide later changes, judged on the next set. v3 to v7 together chose the
 ensemble of training runs over a single one; v8 to v17 one more each (against more inverse requests
@@ -104,9 +105,9 @@ the heads' learning rate, lost two), nor did v55 (its candidate, one null margin
 v56 chose reading a clause that asks a question as no request ("will it rain tomorrow", "why does
 my photo look hazy?"), with the same heads; v57 chose never counting `lowlight` for a clause that
 asks to darken the photo or says it is too bright ("make it even darker", "it's too bright"), the
-opposite edit, with the same heads.
+opposite edit, with the same heads; v58 chose keeping a task a "without removing the rain" clause
+refuses out of the whole instruction ("brighten the rainy street without removing the rain").
 Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide corpus changes).
-tests/data/selector_heldout_v58.jsonl (300 cases, written before v51 was read),
 tests/data/selector_heldout_v59.jsonl (300 cases, written before v52 was read),
 tests/data/selector_heldout_v60.jsonl (300 cases, written before v52 and v53 were read),
 tests/data/selector_heldout_v61.jsonl (300 cases, written before v52 was read),
