@@ -394,8 +394,9 @@ class TextSelector:
         a clause only if it scores above that clause's null by more than the heads' `null_margin`,
         so "... without changing the face" adds nothing for `face`; a clause that asks a question
         (`is_question`: "will it snow tomorrow") counts for no task at all, unless the next clause asks
-        to fix what it names ("where is the moire? remove it", `asks_for_edit`), and a clause asking
-        for a task's opposite edit does not count for that task ("make it darker": `wanted_labels`).
+        to fix what it names ("where is the moire? remove it", `asks_for_edit`); a clause asking for
+        a task's opposite edit does not count for that task ("make it darker"), and a task a "without
+        removing the rain" clause refuses counts in no clause (`wanted_labels`).
         """
         return self.raw_scores_many([instruction])[0]
 
