@@ -314,6 +314,24 @@ def refused_tasks(parts: Sequence[str]) -> set[str]:
     return refused
 
 
+_NOUN_PHRASE = r"((?:the|that|this|these|those|all the|all that|any)\s+[^,;.!?]+?)"
+_SAYS_IT_SHOULD_GO = re.compile(
+    r"\s*(?:(?:only|just)\s+)?" + _NOUN_PHRASE + r"\s+(?:should|must|has to|have to|needs to|need to|ought to|got to|gotta)\s+"
+    r"(?:go|go away|be removed|be gone|be taken out|come out|disappear|vanish)(?:\s+please)?\s*"
+    r"|\s*" + _NOUN_PHRASE + r"\s+(?:(?:is|are)\s+not|isn't|aren't|isn’t|aren’t)"
+    r"(?:\s+(?:fine|ok|okay|good|nice|acceptable|wanted|welcome))?\s*",
+    re.IGNORECASE,
+)
+
+
+def as_request(clause: str) -> str:
+    """The text the heads score for a clause: "only the snow should go", "the fog must go" and the
+    "the fog is not" of "the rain is fine but the fog is not" are scored as "remove the snow",
+    "remove the fog" (the heads read those as removals; the first forms score about as `null`)."""
+    says = _SAYS_IT_SHOULD_GO.fullmatch(clause)
+    return f"remove {says.group(1) or says.group(2)}" if says else clause
+
+
 def wanted_labels(parts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
     """Which labels each clause may select, [clauses, labels]: none in a clause that does not ask
     for an edit (`asks_for_edit`), no task in a clause asking for its opposite edit ("make it
@@ -396,7 +414,8 @@ class TextSelector:
         (`is_question`: "will it snow tomorrow") counts for no task at all, unless the next clause asks
         to fix what it names ("where is the moire? remove it", `asks_for_edit`); a clause asking for
         a task's opposite edit does not count for that task ("make it darker"), and a task a "without
-        removing the rain" clause refuses counts in no clause (`wanted_labels`).
+        removing the rain" clause refuses counts in no clause (`wanted_labels`). A clause saying a
+        damage should go ("only the snow should go") is scored as the request to remove it (`as_request`).
         """
         return self.raw_scores_many([instruction])[0]
 
@@ -409,7 +428,7 @@ class TextSelector:
         about 3-5 times faster each. Clauses are batched by length, so little is padding. The
         scores match one-at-a-time scoring up to float rounding (about 1e-5)."""
         split = [clauses(valid_unicode(text)) if text.strip() else [] for text in instructions]
-        per_clause = self._clause_scores([clause for parts in split for clause in parts])
+        per_clause = self._clause_scores([as_request(clause) for parts in split for clause in parts])
         null_index = self.labels.index(NULL_KEY)
         results, start = [], 0
         for parts in split:

@@ -31,6 +31,7 @@ from diffplugin_cli.selector import (
     SentenceEncoder,
     TextSelector,
     TextSelectorHeads,
+    as_request,
     asks_for_edit,
     clauses,
     is_question,
@@ -316,6 +317,24 @@ def test_a_refused_task_counts_nowhere_in_the_instruction(text_selector):
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
     assert text_selector.select("brighten the rainy street without removing the rain", tasks).selected == ["lowlight"]
     assert text_selector.select("remove the falling snow without removing the snow on the ground", tasks).selected == ["desnow"]
+
+
+def test_as_request():
+    assert as_request("only the snow should go") == "remove the snow"
+    assert as_request("the glare on the car hood must go") == "remove the glare on the car hood"
+    assert as_request("the fog is not") == "remove the fog"
+    assert as_request("The rain isn't okay") == "remove The rain"
+    assert as_request("the fog is not a problem") == "the fog is not a problem"
+    assert as_request("the snow should go on forever") == "the snow should go on forever"
+    assert as_request("it must go") == "it must go"
+
+
+def test_a_damage_that_should_go_is_a_request(text_selector):
+    """The shipped heads score "the snow should go" and "the fog is not" about as `null`."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("only the sleet should go, keep the gloom", tasks).selected == ["desnow"]
+    assert text_selector.select("the blur is fine, the smog isn't", tasks).selected == ["dehaze"]
+    assert text_selector.select("the fog is not a problem", tasks).is_none
 
 
 def test_shipped_heads_read_a_place_as_part_of_the_request(text_selector):
