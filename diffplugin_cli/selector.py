@@ -281,6 +281,13 @@ _OPPOSITE_EDITS = {
         r"|\b(?:brightness|exposure)\s+down\b|\bless bright\b",
         re.IGNORECASE,
     ),
+    # highlight removal takes shine away: a clause asking for more shine, or a brighter glare, wants the opposite
+    "highlight": re.compile(
+        r"\bmake\b[^,;.!?]*?\s(?:look\s+|appear\s+|seem\s+)?(?:more\s+|even\s+|extra\s+)?(?:\w+\s+and\s+)?"
+        r"(?:glossy|glassy|shiny|shinier|glossier|reflective|polished|lustrous)(?:\s+and\s+\w+)?(?:\s+for\b.*)?\s*$"
+        r"|\bmake the (?:\w+\s+)?(?:glare|reflections?|highlights?|shine)\b[^,;.!?]*\b(?:brighter|stronger|glow)\b",
+        re.IGNORECASE,
+    ),
 }
 
 
@@ -335,7 +342,8 @@ def as_request(clause: str) -> str:
 def wanted_labels(parts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
     """Which labels each clause may select, [clauses, labels]: none in a clause that does not ask
     for an edit (`asks_for_edit`), no task in a clause asking for its opposite edit ("make it
-    darker", "it's too bright" never select `lowlight`, whatever the heads score), and no task the
+    darker", "it's too bright" never select `lowlight`, "make the water more reflective" never
+    `highlight`, whatever the heads score), and no task the
     instruction refuses (`refused_tasks`) anywhere."""
     asks = torch.tensor(asks_for_edit(parts)).unsqueeze(1).repeat(1, len(labels))
     refused = refused_tasks(parts)

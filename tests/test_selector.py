@@ -301,6 +301,19 @@ def test_a_request_to_darken_never_selects_lowlight(text_selector):
     assert text_selector.select("brighten the foreground but darken the sky", tasks).selected == ["lowlight"]
 
 
+
+def test_a_request_for_more_shine_never_selects_highlight(text_selector):
+    """Highlight removal takes shine away: the shipped heads chose it for these, the opposite edit."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    for shining in ("make the pond more reflective", "make the marble floor more reflective", "make the glare on the window brighter"):
+        assert text_selector.select(shining, tasks).is_none, shining
+    for removal in ("remove the glossy reflections on the glass", "make the glare go away", "make the shiny forehead matte"):
+        assert text_selector.select(removal, tasks).selected == ["highlight"], removal
+    labels = ["highlight", NULL_KEY]
+    assert wanted_labels(["make the lake look glassy and reflective for the poster"], labels).tolist() == [[False, True]]
+    assert wanted_labels(["make the shiny forehead matte"], labels).tolist() == [[True, True]]
+
+
 def test_refused_tasks():
     assert refused_tasks(["brighten the rainy street", "without removing the rain"]) == {"derain"}
     assert refused_tasks(["make it brighter", "without taking out the snow or the fog"]) == {"desnow", "dehaze"}
