@@ -289,6 +289,24 @@ _OPPOSITE_EDITS = {
         re.IGNORECASE,
     ),
 }
+_FIGURATIVE_USES = {
+    # a task's verb said of something other than a photo: a skill or a tool sharpened, a day or a room brightened
+    "deblur": re.compile(
+        r"\bsharpen(?:ing)?\s+(?:up\s+)?(?:my|your|his|her|our|their)\s+(?:[\w-]+\s+){0,3}?"
+        r"(?:skills?|pencils?|knife|knives|writing|mind|wits|game|technique|saw|blade)\b",
+        re.IGNORECASE,
+    ),
+    "lowlight": re.compile(
+        r"\bbrighten(?:ing)?\s+(?:up\s+)?(?:my|your|his|her|our|their|the)\s+(?:[\w-]+\s+)?"
+        r"(?:day|days|morning|afternoon|evening|mood|week|weekend|monday|tuesday|wednesday|thursday|friday|life|spirits|conversation)"
+        r"(?=\s*$|\s+(?:with|by|and|a bit|a little|please|for me)\b)"
+        r"|\bbrighten(?:ing)?\b(?:\s+up)?[^,;.!?]*\bwith\s+(?:a\s+|an\s+|some\s+)?"
+        r"(?:new\b|(?:curtains|paint|plants|flowers|rugs?|cushions|songs?|jokes?|music|candles)\b)",
+        re.IGNORECASE,
+    ),
+}
+_NO_REQUEST_FOR = {task: [uses[task] for uses in (_OPPOSITE_EDITS, _FIGURATIVE_USES) if task in uses]
+                   for task in {**_OPPOSITE_EDITS, **_FIGURATIVE_USES}}
 
 
 _NAMES_TASK = {task: re.compile(r"\b(?:" + words + r")\b", re.IGNORECASE) for task, words in {
@@ -343,13 +361,14 @@ def wanted_labels(parts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
     """Which labels each clause may select, [clauses, labels]: none in a clause that does not ask
     for an edit (`asks_for_edit`), no task in a clause asking for its opposite edit ("make it
     darker", "it's too bright" never select `lowlight`, "make the water more reflective" never
-    `highlight`, whatever the heads score), and no task the
+    `highlight`, whatever the heads score), no task in a clause using its verb figuratively
+    ("sharpen my cooking skills", "brighten my day with a joke"), and no task the
     instruction refuses (`refused_tasks`) anywhere."""
     asks = torch.tensor(asks_for_edit(parts)).unsqueeze(1).repeat(1, len(labels))
     refused = refused_tasks(parts)
     for column, label in enumerate(labels):
-        if label in _OPPOSITE_EDITS:
-            asks[:, column] &= torch.tensor([_OPPOSITE_EDITS[label].search(clause) is None for clause in parts])
+        if label in _NO_REQUEST_FOR:
+            asks[:, column] &= torch.tensor([not any(use.search(clause) for use in _NO_REQUEST_FOR[label]) for clause in parts])
         if label in refused:
             asks[:, column] = False
     return asks

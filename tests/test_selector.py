@@ -314,6 +314,21 @@ def test_a_request_for_more_shine_never_selects_highlight(text_selector):
     assert wanted_labels(["make the shiny forehead matte"], labels).tolist() == [[True, True]]
 
 
+
+def test_a_figurative_use_of_a_tasks_verb_is_no_request(text_selector):
+    """A skill sharpened or a day brightened is no photo edit: the shipped heads chose `deblur` and `lowlight` for these."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    for figurative in ("sharpen my baking skills", "brighten up the study with new lamps"):
+        assert text_selector.select(figurative, tasks).is_none, figurative
+    assert text_selector.select("sharpen my photo", tasks).selected == ["deblur"]
+    assert text_selector.select("brighten my evening photos", tasks).selected == ["lowlight"]
+    labels = ["deblur", "lowlight", NULL_KEY]
+    for figurative, wanted in (("sharpen my pencil", [False, True, True]), ("brighten my day with a joke", [True, False, True]),
+                               ("brighten up the porch with some flowers", [True, False, True])):
+        assert wanted_labels([figurative], labels).tolist() == [wanted], figurative
+    assert wanted_labels(["brighten the morning shot"], labels).tolist() == [[True, True, True]]
+
+
 def test_refused_tasks():
     assert refused_tasks(["brighten the rainy street", "without removing the rain"]) == {"derain"}
     assert refused_tasks(["make it brighter", "without taking out the snow or the fog"]) == {"desnow", "dehaze"}
