@@ -309,6 +309,23 @@ _NO_REQUEST_FOR = {task: [uses[task] for uses in (_OPPOSITE_EDITS, _FIGURATIVE_U
                    for task in {**_OPPOSITE_EDITS, **_FIGURATIVE_USES}}
 
 
+
+_MURKY = re.compile(r"\bmurky\b", re.IGNORECASE)
+_NAMES_HAZE = re.compile(r"\b(?:haze|hazy|fog|foggy|mist|misty|smog|smoggy|dust|dusty|air|murk|pollution|grey|gray|smoke|smoky)\b",
+                         re.IGNORECASE)
+_NAMES_DARKNESS = re.compile(
+    r"\b(?:dark|darker|dim|underexposed|under-exposed|underlit|night|dusk|candlelit|flash|brighten|brighter|lighten|light|black)\b",
+    re.IGNORECASE,
+)
+
+
+def murky_means_dark(parts: Sequence[str]) -> list[bool]:
+    """Whether each clause's "murky" says dark rather than hazy: it names no haze, and the instruction
+    names darkness ("the basement photo is murky and dim, make it brighter" asks for no dehazing)."""
+    dark = any(_NAMES_DARKNESS.search(clause) for clause in parts)
+    return [dark and _MURKY.search(clause) is not None and _NAMES_HAZE.search(clause) is None for clause in parts]
+
+
 _NAMES_TASK = {task: re.compile(r"\b(?:" + words + r")\b", re.IGNORECASE) for task, words in {
     "desnow": "snow|snowflakes|snowfall|flakes|sleet|desnow",
     "derain": "rain|raindrops|rain streaks|drizzle|derain",
@@ -362,13 +379,16 @@ def wanted_labels(parts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
     for an edit (`asks_for_edit`), no task in a clause asking for its opposite edit ("make it
     darker", "it's too bright" never select `lowlight`, "make the water more reflective" never
     `highlight`, whatever the heads score), no task in a clause using its verb figuratively
-    ("sharpen my cooking skills", "brighten my day with a joke"), and no task the
+    ("sharpen my cooking skills", "brighten my day with a joke"), no `dehaze` for a "murky" that says
+    dark (`murky_means_dark`), and no task the
     instruction refuses (`refused_tasks`) anywhere."""
     asks = torch.tensor(asks_for_edit(parts)).unsqueeze(1).repeat(1, len(labels))
     refused = refused_tasks(parts)
     for column, label in enumerate(labels):
         if label in _NO_REQUEST_FOR:
             asks[:, column] &= torch.tensor([not any(use.search(clause) for use in _NO_REQUEST_FOR[label]) for clause in parts])
+        if label == "dehaze":
+            asks[:, column] &= ~torch.tensor(murky_means_dark(parts))
         if label in refused:
             asks[:, column] = False
     return asks

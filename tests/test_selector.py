@@ -36,6 +36,7 @@ from diffplugin_cli.selector import (
     clauses,
     is_question,
     load_text_heads,
+    murky_means_dark,
     refused_tasks,
     save_heads,
     wanted_labels,
@@ -327,6 +328,22 @@ def test_a_figurative_use_of_a_tasks_verb_is_no_request(text_selector):
                                ("brighten up the porch with some flowers", [True, False, True])):
         assert wanted_labels([figurative], labels).tolist() == [wanted], figurative
     assert wanted_labels(["brighten the morning shot"], labels).tolist() == [[True, True, True]]
+
+
+
+def test_murky_means_dark():
+    assert murky_means_dark(["the cellar photo is murky", "dim", "make it brighter"]) == [True, False, False]
+    assert murky_means_dark(["the lake looks murky"]) == [False]  # no darkness named: murky may be haze
+    assert murky_means_dark(["the valley is murky with fog at night"]) == [False]  # the haze is named
+    labels = ["dehaze", "lowlight", NULL_KEY]
+    assert wanted_labels(["the cellar photo is murky", "dim"], labels).tolist() == [[False, True, True], [True, True, True]]
+
+
+def test_a_murky_dark_photo_is_no_request_to_dehaze(text_selector):
+    """The shipped heads added `dehaze` for "murky" beside darkness."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("the garage photo came out murky and dark, make it brighter", tasks).selected == ["lowlight"]
+    assert text_selector.select("clear the fog and brighten the murky harbour photo at night", tasks).selected == ["dehaze", "lowlight"]
 
 
 def test_refused_tasks():
