@@ -257,17 +257,26 @@ _POINTS_BACK = re.compile(
     re.IGNORECASE,
 )
 
+_ONLY_PRAISES = re.compile(
+    r"\s*(?:but\s+)?(?:the|that|this|these|those|all the|my|his|her|their|our)\s+[^,;.!?]+?\s+(?:is|are|looks?|feels?)\s+"
+    r"(?:so\s+|very\s+|really\s+|quite\s+|just\s+)?(?:atmospheric|moody|pretty|nice|lovely|beautiful|gorgeous|stunning|fine|ok|"
+    r"okay|good|great|wanted|intended|intentional|deliberate|on purpose|perfect|charming|dreamy|romantic|magical)\s*",
+    re.IGNORECASE,
+)
+
 
 def asks_for_edit(parts: Sequence[str]) -> list[bool]:
     """Whether each clause of an instruction asks for an edit: not a question (`is_question`), unless
     the next clause (after a bare "if so") asks to fix what it names by a pronoun ("where is the
-    moire? remove it", "is there snow in this photo? if so, remove it"): the question says what "it" is."""
+    moire? remove it", "is there snow in this photo? if so, remove it"): the question says what "it" is;
+    and not a clause that only praises or accepts something ("the haze is atmospheric")."""
     def fix_follows(after: Sequence[str]) -> bool:
         if after and _IF_SO_ALONE.fullmatch(after[0]):
             after = after[1:]
         return bool(after) and _POINTS_BACK.fullmatch(after[0]) is not None
 
-    return [not is_question(clause) or fix_follows(parts[i + 1:]) for i, clause in enumerate(parts)]
+    return [(not is_question(clause) or fix_follows(parts[i + 1:])) and _ONLY_PRAISES.fullmatch(clause) is None
+            for i, clause in enumerate(parts)]
 
 
 _OPPOSITE_EDITS = {

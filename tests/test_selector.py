@@ -274,6 +274,17 @@ def test_asks_for_edit():
         assert asks_for_edit(["is there snow in this photo", kept])[0] is False, kept
 
 
+
+def test_a_clause_that_only_praises_asks_for_no_edit(text_selector):
+    """The shipped heads counted `dehaze` for "the haze is atmospheric" beside a request for another fix."""
+    assert asks_for_edit(["the smog is so atmospheric", "lighten the street"]) == [False, True]
+    assert asks_for_edit(["the fog is not fine"]) == [True]
+    assert asks_for_edit(["the photo looks dark"]) == [True]
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("the mist is moody, brighten the foreground", tasks).selected == ["lowlight"]
+    assert text_selector.select("the snowfall is lovely, sharpen the photo", tasks).selected == ["deblur"]
+
+
 def test_a_question_followed_by_a_fix_of_what_it_names_is_a_request(text_selector):
     """The question says what "it" is; before, "where is the moire? remove it" selected nothing."""
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
