@@ -383,16 +383,38 @@ def as_request(clause: str) -> str:
     return f"remove {says.group(1) or says.group(2)}" if says else clause
 
 
-def wanted_labels(parts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:
+
+_BLURRED = r"(?:blurry|blurred|soft|fuzzy|smudged|smeared|unclear|out of focus|unsharp)"
+_FACE_BLUR = re.compile(
+    r"\b(?:face|faces|features)\b(?:\s+(?!(?:and|but|or|sharpen\w*|deblur\w*)\b)[\w'-]+){0,8}?(?:\s+and)?\s+" + _BLURRED + r"\b"
+    r"|\b" + _BLURRED + r"\s+(?:and\s+(?!(?:the|a|an|his|her|their|my|our|its)\b)[\w-]+\s+)?(?:face|faces|features)\b"
+    r"|\b(?:face|faces)\b[^,;.!?]*,\s*(?:it's|it is|they're|they are)\s+(?:all\s+|a bit\s+|very\s+)?" + _BLURRED + r"\b",
+    re.IGNORECASE,
+)
+_NAMES_BLUR = re.compile(
+    r"\b(?:\w*blur\w*|sharp\w*|soft\w*|fuzz\w*|smudg\w*|smear\w*|unclear|shak\w*|focus\w*|motion|crisp\w*|jitter\w*|unsharp)\b",
+    re.IGNORECASE,
+)
+
+
+def blur_only_on_faces(instruction: str) -> bool:
+    """Whether every blur word of the instruction describes a face ("the singer's face is grainy and
+    soft, restore it"): face restoration repairs that, so it is no request to deblur the photo."""
+    rest, found = _FACE_BLUR.subn(" ", instruction)
+    return found > 0 and _NAMES_BLUR.search(rest) is None
+
+
+def wanted_labels(parts: Sequence[str], labels: Sequence[str], instruction: str | None = None) -> torch.Tensor:
     """Which labels each clause may select, [clauses, labels]: none in a clause that does not ask
     for an edit (`asks_for_edit`), no task in a clause asking for its opposite edit ("make it
     darker", "it's too bright" never select `lowlight`, "make the water more reflective" never
     `highlight`, whatever the heads score), no task in a clause using its verb figuratively
     ("sharpen my cooking skills", "brighten my day with a joke"), no `dehaze` for a "murky" that says
-    dark (`murky_means_dark`), and no task the
-    instruction refuses (`refused_tasks`) anywhere."""
+    dark (`murky_means_dark`), and no task the instruction refuses (`refused_tasks`, and `deblur`
+    when its blur words describe faces only, `blur_only_on_faces`) anywhere. `instruction` is the
+    text as written (default: its clauses joined by commas)."""
     asks = torch.tensor(asks_for_edit(parts)).unsqueeze(1).repeat(1, len(labels))
-    refused = refused_tasks(parts)
+    refused = refused_tasks(parts) | ({"deblur"} if blur_only_on_faces(instruction or ", ".join(parts)) else set())
     for column, label in enumerate(labels):
         if label in _NO_REQUEST_FOR:
             asks[:, column] &= torch.tensor([not any(use.search(clause) for use in _NO_REQUEST_FOR[label]) for clause in parts])
@@ -487,14 +509,14 @@ class TextSelector:
         per_clause = self._clause_scores([as_request(clause) for parts in split for clause in parts])
         null_index = self.labels.index(NULL_KEY)
         results, start = [], 0
-        for parts in split:
+        for text, parts in zip(instructions, split):
             if not parts:
                 results.append({label: (1.0 if label == NULL_KEY else 0.0) for label in self.labels})
                 continue
             scores = per_clause[start:start + len(parts)]
             start += len(parts)
             null = scores[:, null_index].unsqueeze(1)
-            wanted = wanted_labels(parts, self.labels)
+            wanted = wanted_labels(parts, self.labels, valid_unicode(text))
             gated = torch.where(wanted & (scores > null + self.members[0].config.null_margin), scores, torch.zeros_like(scores))
             gated[:, null_index] = null[:, 0]
             results.append(dict(zip(self.labels, gated.max(dim=0).values.tolist())))

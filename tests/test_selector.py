@@ -33,6 +33,7 @@ from diffplugin_cli.selector import (
     TextSelectorHeads,
     as_request,
     asks_for_edit,
+    blur_only_on_faces,
     clauses,
     is_question,
     load_text_heads,
@@ -355,6 +356,25 @@ def test_a_murky_dark_photo_is_no_request_to_dehaze(text_selector):
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
     assert text_selector.select("the garage photo came out murky and dark, make it brighter", tasks).selected == ["lowlight"]
     assert text_selector.select("clear the fog and brighten the murky harbour photo at night", tasks).selected == ["dehaze", "lowlight"]
+
+
+
+def test_blur_only_on_faces():
+    assert blur_only_on_faces("the bride's face is faded and soft, restore it")
+    assert blur_only_on_faces("repair the old print, his features are smudged")
+    for blur_elsewhere in ("restore the faces and sharpen the blurry background", "the old portrait is blurry and the face is damaged",
+                           "the faces are smudged by camera shake", "restore her face"):
+        assert not blur_only_on_faces(blur_elsewhere), blur_elsewhere
+    labels = ["deblur", "face", NULL_KEY]
+    parts = ["the bride's face is faded", "soft", "restore it"]
+    assert wanted_labels(parts, labels, "the bride's face is faded and soft, restore it").tolist() == [[False, True, True]] * 3
+
+
+def test_a_blurred_face_alone_is_no_request_to_deblur(text_selector):
+    """The shipped heads added `deblur` when blur words described the face."""
+    tasks = [label for label in text_selector.labels if label != NULL_KEY]
+    assert text_selector.select("the bride's face is faded and blurry, restore it", tasks).selected == ["face"]
+    assert text_selector.select("restore the faces and sharpen the blurry background", tasks).selected == ["deblur", "face"]
 
 
 def test_refused_tasks():
