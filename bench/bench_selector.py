@@ -67,8 +67,9 @@ tests/data/selector_heldout_v58.jsonl (300 cases, written before v51 was read),
 tests/data/selector_heldout_v59.jsonl (300 cases, written before v52 was read),
 tests/data/selector_heldout_v60.jsonl (300 cases, written before v52 and v53 were read),
 tests/data/selector_heldout_v61.jsonl (300 cases, written before v52 was read),
-tests/data/selector_heldout_v62.jsonl (300 cases, written before v52 was read) and
-tests/data/selector_heldout_v63.jsonl (300 cases, written before v52 was read).
+tests/data/selector_heldout_v62.jsonl (300 cases, written before v52 was read),
+tests/data/selector_heldout_v63.jsonl (300 cases, written before v52 was read) and
+tests/data/selector_heldout_v64.jsonl (300 cases, written before v53 was read).
 Each was committed before anything was measured with it and made one choice when first read; only
 after that did its errors guide later changes, judged on the next set. v3 to v7 together chose the
 ensemble of training runs over a single one; v8 to v17 one more each (against more inverse requests
@@ -121,9 +122,9 @@ skills", "brighten my day with a joke"), with the same heads, which shipped with
 changed none of never counting `dehaze` for a "murky" that says dark ("the basement photo is
 murky and dim, make it brighter"), which shipped with it too; nor did v63 change any selection of
 reading a clause that only praises something ("the haze is atmospheric") as no request, which
-shipped with it too.
+shipped with it too, nor v64 of never counting `deblur` when the instruction's blur words all
+describe faces ("the singer's face is grainy and soft, restore it"), which shipped with it too.
 Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide corpus changes).
-tests/data/selector_heldout_v64.jsonl (300 cases, written before v53 was read),
 tests/data/selector_heldout_v65.jsonl (300 cases, written before v53 was read),
 tests/data/selector_heldout_v66.jsonl (300 cases, written before v53 was read),
 tests/data/selector_heldout_v67.jsonl (300 cases, written before v53 was read),
@@ -157,7 +158,7 @@ from diffplugin_cli.selector_eval import evaluate, read_cases
 from diffplugin_cli.selector_training import shipped_training_texts
 
 DATA = Path(__file__).parents[1] / "tests/data"
-LAST_READ_SET = 63  # held-out sets v2 to this one have judged their candidate; later ones stay unread until they do
+LAST_READ_SET = 64  # held-out sets v2 to this one have judged their candidate; later ones stay unread until they do
 TARGETS = {"single": 0.99, "multi": 0.97, "single+unsupported": 0.90, "none": 0.90, "negation": 0.90}
 
 
