@@ -318,7 +318,6 @@ _NO_REQUEST_FOR = {task: [uses[task] for uses in (_OPPOSITE_EDITS, _FIGURATIVE_U
                    for task in {**_OPPOSITE_EDITS, **_FIGURATIVE_USES}}
 
 
-
 _MURKY = re.compile(r"\bmurky\b", re.IGNORECASE)
 _NAMES_HAZE = re.compile(r"\b(?:haze|hazy|fog|foggy|mist|misty|smog|smoggy|dust|dusty|air|murk|pollution|grey|gray|smoke|smoky)\b",
                          re.IGNORECASE)
@@ -381,7 +380,6 @@ def as_request(clause: str) -> str:
     "remove the fog" (the heads read those as removals; the first forms score about as `null`)."""
     says = _SAYS_IT_SHOULD_GO.fullmatch(clause)
     return f"remove {says.group(1) or says.group(2)}" if says else clause
-
 
 
 _BLURRED = r"(?:blurry|blurred|soft|fuzzy|smudged|smeared|unclear|out of focus|unsharp)"

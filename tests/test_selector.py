@@ -275,7 +275,6 @@ def test_asks_for_edit():
         assert asks_for_edit(["is there snow in this photo", kept])[0] is False, kept
 
 
-
 def test_a_clause_that_only_praises_asks_for_no_edit(text_selector):
     """The shipped heads counted `dehaze` for "the haze is atmospheric" beside a request for another fix."""
     assert asks_for_edit(["the smog is so atmospheric", "lighten the street"]) == [False, True]
@@ -314,7 +313,6 @@ def test_a_request_to_darken_never_selects_lowlight(text_selector):
     assert text_selector.select("brighten the foreground but darken the sky", tasks).selected == ["lowlight"]
 
 
-
 def test_a_request_for_more_shine_never_selects_highlight(text_selector):
     """Highlight removal takes shine away: the shipped heads chose it for these, the opposite edit."""
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
@@ -325,7 +323,6 @@ def test_a_request_for_more_shine_never_selects_highlight(text_selector):
     labels = ["highlight", NULL_KEY]
     assert wanted_labels(["make the lake look glassy and reflective for the poster"], labels).tolist() == [[False, True]]
     assert wanted_labels(["make the shiny forehead matte"], labels).tolist() == [[True, True]]
-
 
 
 def test_a_figurative_use_of_a_tasks_verb_is_no_request(text_selector):
@@ -342,7 +339,6 @@ def test_a_figurative_use_of_a_tasks_verb_is_no_request(text_selector):
     assert wanted_labels(["brighten the morning shot"], labels).tolist() == [[True, True, True]]
 
 
-
 def test_murky_means_dark():
     assert murky_means_dark(["the cellar photo is murky", "dim", "make it brighter"]) == [True, False, False]
     assert murky_means_dark(["the lake looks murky"]) == [False]  # no darkness named: murky may be haze
@@ -356,7 +352,6 @@ def test_a_murky_dark_photo_is_no_request_to_dehaze(text_selector):
     tasks = [label for label in text_selector.labels if label != NULL_KEY]
     assert text_selector.select("the garage photo came out murky and dark, make it brighter", tasks).selected == ["lowlight"]
     assert text_selector.select("clear the fog and brighten the murky harbour photo at night", tasks).selected == ["dehaze", "lowlight"]
-
 
 
 def test_blur_only_on_faces():
