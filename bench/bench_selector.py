@@ -116,14 +116,13 @@ refuses out of the whole instruction ("brighten the rainy street without removin
 chose scoring a clause that says a damage should go, or is not fine, as a request to remove it
 ("only the snow should go", "the rain is fine but the fog is not"), with the same heads; v60 chose
 never counting `highlight` for a clause that asks for more shine ("make the water more reflective",
-"make the flash glare brighter"), the opposite edit, with the same heads; v61 changed no selection
-of never counting `deblur` or `lowlight` for a figurative use of their verbs ("sharpen my cooking
-skills", "brighten my day with a joke"), with the same heads, which shipped with it, and v62
-changed none of never counting `dehaze` for a "murky" that says dark ("the basement photo is
-murky and dim, make it brighter"), which shipped with it too; nor did v63 change any selection of
-reading a clause that only praises something ("the haze is atmospheric") as no request, which
-shipped with it too, nor v64 of never counting `deblur` when the instruction's blur words all
-describe faces ("the singer's face is grainy and soft, restore it"), which shipped with it too.
+"make the flash glare brighter"), the opposite edit, with the same heads. v61 to v64 each changed no
+selection of the rule judged on it, and each rule shipped: v61 never counting `deblur` or `lowlight`
+for a figurative use of their verbs ("sharpen my cooking skills", "brighten my day with a joke"),
+v62 never counting `dehaze` for a "murky" that says dark ("the basement photo is murky and dim, make
+it brighter"), v63 reading a clause that only praises something ("the haze is atmospheric") as no
+request, v64 never counting `deblur` when the instruction's blur words all describe faces ("the
+singer's face is grainy and soft, restore it"); all with the same heads.
 Then tests/data/selector_dev.jsonl (150 cases, written with v5 to be tuned on: its errors guide corpus changes).
 tests/data/selector_heldout_v65.jsonl (300 cases, written before v53 was read),
 tests/data/selector_heldout_v66.jsonl (300 cases, written before v53 was read),

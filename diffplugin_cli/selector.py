@@ -486,12 +486,10 @@ class TextSelector:
         With several heads (an ensemble of training runs) a clause's scores are their mean. In
         each clause `null` competes with the tasks, as in the authors' selector: a task counts for
         a clause only if it scores above that clause's null by more than the heads' `null_margin`,
-        so "... without changing the face" adds nothing for `face`; a clause that asks a question
-        (`is_question`: "will it snow tomorrow") counts for no task at all, unless the next clause asks
-        to fix what it names ("where is the moire? remove it", `asks_for_edit`); a clause asking for
-        a task's opposite edit does not count for that task ("make it darker"), and a task a "without
-        removing the rain" clause refuses counts in no clause (`wanted_labels`). A clause saying a
-        damage should go ("only the snow should go") is scored as the request to remove it (`as_request`).
+        so "... without changing the face" adds nothing for `face`. The heads score each clause as
+        `as_request` restates it ("only the snow should go" as "remove the snow"), and a task counts
+        only in the clauses `wanted_labels` allows it (no questions, praise, opposite edits,
+        figurative verbs or refused tasks).
         """
         return self.raw_scores_many([instruction])[0]
 
